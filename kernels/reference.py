@@ -1,0 +1,291 @@
+"""Vectorised torch reference of NSA (../shared/design/NSA_SPEC.md) for one sequence.
+
+Every Triton kernel and the vLLM backend's CPU path are checked against this module, and it
+is itself checked against a brute-force float64 oracle (tests/oracle.py). All arithmetic is
+float32 (or float64 when the inputs are float64); outputs come back in q's dtype.
+
+Shapes: k [T, H, D], v [T, H, Dv] hold positions 0..T-1; q [Q, HQ, D] holds the LAST Q of
+them (bottom-right aligned, as FlashAttention). Query head h reads KV head h // G.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_nsa.config import NSAConfig
+
+# Per-chunk budget of gathered/score elements; bounds memory at long T without per-token loops.
+_CHUNK_ELEMENTS = 1 << 24
+_NEG_INF = float("-inf")
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _query_positions(num_queries: int, num_tokens: int, device) -> torch.Tensor:
+    if num_queries > num_tokens:
+        raise ValueError(f"q holds {num_queries} positions but k/v only {num_tokens}")
+    return torch.arange(num_tokens - num_queries, num_tokens, device=device)
+
+
+def _group_view(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[Q, HQ, D] -> [Q, H, G, D] (query head h = kv_head * G + g)."""
+    num_q, num_heads, dim = q.shape
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads {num_heads} not a multiple of kv heads {num_kv_heads}")
+    return q.reshape(num_q, num_kv_heads, num_heads // num_kv_heads, dim)
+
+
+def _masked_softmax_attention(scores: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
+                              equation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last axis of `scores` where `mask`; rows with nothing visible give
+    output 0 and LSE -inf. Returns (output, lse)."""
+    scores = scores.masked_fill(~mask, _NEG_INF)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.nan_to_num(neginf=0.0).unsqueeze(-1))
+    return torch.einsum(equation, probs, values), lse
+
+
+# ---------------------------------------------------------------- branch 1: compression
+def compress_kv(k: torch.Tensor, v: torch.Tensor, config: NSAConfig
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi = mean over each compression window: [C, H, D], [C, H, Dv] with C = config.num_compressed(T)."""
+    num_cmp = config.num_compressed(k.shape[0])
+    work = _work_dtype(k)
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        if num_cmp == 0:
+            return x.new_zeros((0,) + x.shape[1:], dtype=work)
+        windows = x.to(work).unfold(0, config.compress_block, config.compress_stride)
+        return windows.mean(dim=-1)  # [C, H, D]
+
+    return pool(k), pool(v)
+
+
+def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
+                         q_positions: torch.Tensor, config: NSAConfig, scale: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """o_cmp [Q, HQ, Dv], p_cmp [Q, HQ, C] (0 where invisible) and LSE [Q, HQ] (-inf when C(t)=0).
+
+    Compressed entry i is visible to position t iff i*d + l - 1 <= t.
+    """
+    work = _work_dtype(q)
+    num_kv_heads = k_cmp.shape[1]
+    qg = _group_view(q.to(work), num_kv_heads)                       # [Q, H, G, D]
+    scores = torch.einsum("qhgd,chd->qhgc", qg, k_cmp.to(work)) * scale
+    ends = (torch.arange(k_cmp.shape[0], device=q.device) * config.compress_stride
+            + config.compress_block - 1)
+    visible = (ends.view(1, -1) <= q_positions.view(-1, 1))[:, None, None, :]
+    out, lse = _masked_softmax_attention(scores, visible, v_cmp.to(work), "qhgc,che->qhge")
+    probs = torch.exp(scores.masked_fill(~visible, _NEG_INF)
+                      - lse.nan_to_num(neginf=0.0).unsqueeze(-1))
+    num_q, num_heads = q.shape[:2]
+    return (out.reshape(num_q, num_heads, -1), probs.reshape(num_q, num_heads, -1),
+            lse.reshape(num_q, num_heads))
+
+
+# ---------------------------------------------------------------- branch 2: selection
+def overlap_weights(num_compressed: int, num_blocks: int, config: NSAConfig,
+                    device=None, dtype=torch.float32) -> torch.Tensor:
+    """omega [C, NB]: |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d (spec Eq. 9)."""
+    starts = torch.arange(num_compressed, device=device) * config.compress_stride
+    block_starts = torch.arange(num_blocks, device=device) * config.select_block
+    lo = torch.maximum(starts.view(-1, 1), block_starts.view(1, -1))
+    hi = torch.minimum(starts.view(-1, 1) + config.compress_block,
+                       block_starts.view(1, -1) + config.select_block)
+    return (hi - lo).clamp(min=0).to(dtype) / config.compress_stride
+
+
+def block_importance(p_cmp: torch.Tensor, num_blocks: int, config: NSAConfig) -> torch.Tensor:
+    """p_slc [Q, HQ, NB] = p_cmp @ omega."""
+    omega = overlap_weights(p_cmp.shape[-1], num_blocks, config, p_cmp.device, p_cmp.dtype)
+    return p_cmp @ omega
+
+
+def select_blocks(p_slc: torch.Tensor, q_positions: torch.Tensor, num_kv_heads: int,
+                  config: NSAConfig) -> torch.Tensor:
+    """Group-consistent top-n: block_indices [Q, H, n] int64, ascending, -1 padded at the end.
+
+    Scores are summed over each KV head's query heads; forced blocks (the first init_blocks
+    and the local_blocks ending at the current one) outrank all others; only blocks
+    j <= t // l' are candidates; ties go to the lower block index.
+    """
+    num_q, num_heads, num_blocks = p_slc.shape
+    group_scores = p_slc.reshape(num_q, num_kv_heads, num_heads // num_kv_heads,
+                                 num_blocks).sum(dim=2)
+    blocks = torch.arange(num_blocks, device=p_slc.device).view(1, -1)
+    current = (q_positions // config.select_block).view(-1, 1)
+    candidate = blocks <= current
+    forced = candidate & ((blocks < config.init_blocks)
+                          | (blocks > current - config.local_blocks))
+    scores = group_scores.masked_fill(forced[:, None, :], math.inf)
+    scores = scores.masked_fill(~candidate[:, None, :], _NEG_INF)
+    topk = config.select_topk
+    if num_blocks < topk:  # pad so the sort always yields n columns
+        scores = torch.nn.functional.pad(scores, (0, topk - num_blocks), value=_NEG_INF)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :topk]
+    chosen_scores = torch.gather(scores, -1, order)
+    # Ascending block order with the -1 padding last: sort with padding keyed past the end.
+    keyed = torch.where(chosen_scores == _NEG_INF, torch.full_like(order, 1 << 62), order)
+    keyed = torch.sort(keyed, dim=-1).values
+    return torch.where(keyed == 1 << 62, torch.full_like(keyed, -1), keyed)
+
+
+def _blocks_to_mask(block_indices: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """[Q, H, n] (-1 padded) -> bool [Q, H, NB]."""
+    mask = torch.zeros(block_indices.shape[:2] + (num_blocks + 1,), dtype=torch.bool,
+                       device=block_indices.device)
+    mask.scatter_(-1, torch.where(block_indices < 0, num_blocks, block_indices), True)
+    return mask[..., :num_blocks]
+
+
+def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        block_indices: torch.Tensor, q_positions: torch.Tensor,
+                        config: NSAConfig, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """o_slc [Q, HQ, Dv] and LSE [Q, HQ]: exact attention over the selected blocks' positions <= t."""
+    work = _work_dtype(q)
+    num_q, num_heads, _ = q.shape
+    num_tokens, num_kv_heads, _ = k.shape
+    block = config.select_block
+    # Gather each row's selected positions: [Q, H, n*l'].
+    offsets = torch.arange(block, device=q.device)
+    positions = (block_indices.unsqueeze(-1) * block + offsets).flatten(-2)
+    valid = ((block_indices >= 0).unsqueeze(-1).expand(-1, -1, -1, block).flatten(-2)
+             & (positions <= q_positions.view(-1, 1, 1)))
+    positions = torch.where(valid, positions, torch.zeros_like(positions))
+    heads = torch.arange(num_kv_heads, device=q.device).view(1, -1, 1)
+    qg = _group_view(q.to(work), num_kv_heads)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, num_kv_heads * positions.shape[-1] * k.shape[-1]))
+    outs, lses = [], []
+    for start in range(0, num_q, chunk):
+        rows = slice(start, start + chunk)
+        keys = k[positions[rows], heads].to(work)                   # [q, H, S, D]
+        vals = v[positions[rows], heads].to(work)
+        scores = torch.einsum("qhgd,qhsd->qhgs", qg[rows], keys) * scale
+        out, lse = _masked_softmax_attention(scores, valid[rows].unsqueeze(2), vals,
+                                             "qhgs,qhse->qhge")
+        outs.append(out)
+        lses.append(lse)
+    return (torch.cat(outs).reshape(num_q, num_heads, -1),
+            torch.cat(lses).reshape(num_q, num_heads))
+
+
+# ---------------------------------------------------------------- branch 3: sliding window
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     q_positions: torch.Tensor, config: NSAConfig, scale: float,
+                     exclude_blocks: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """o_win [Q, HQ, Dv], LSE [Q, HQ]: attention over positions max(0, t-w+1)..t.
+
+    `exclude_blocks` (bool [Q, H, NB]) removes positions of those selection blocks; the
+    merged mode uses it so no position is counted twice.
+    """
+    work = _work_dtype(q)
+    num_q, num_heads, _ = q.shape
+    num_kv_heads = k.shape[1]
+    qg = _group_view(q.to(work), num_kv_heads)
+    window = config.window
+    chunk = max(1, min(num_q, _CHUNK_ELEMENTS // max(1, num_heads * (window + num_q))))
+    outs, lses = [], []
+    for start in range(0, num_q, chunk):
+        rows = slice(start, start + chunk)
+        pos = q_positions[rows]
+        first = max(0, int(pos[0]) - window + 1)
+        keys_pos = torch.arange(first, int(pos[-1]) + 1, device=q.device)
+        mask = ((keys_pos.view(1, -1) <= pos.view(-1, 1))
+                & (keys_pos.view(1, -1) > pos.view(-1, 1) - window))[:, None, None, :]
+        if exclude_blocks is not None:
+            excluded = exclude_blocks[rows][:, :, keys_pos // config.select_block]
+            mask = mask & ~excluded.unsqueeze(2)
+        scores = torch.einsum("qhgd,khd->qhgk", qg[rows], k[first:int(pos[-1]) + 1].to(work))
+        out, lse = _masked_softmax_attention(scores * scale, mask,
+                                             v[first:int(pos[-1]) + 1].to(work),
+                                             "qhgk,khe->qhge")
+        outs.append(out)
+        lses.append(lse)
+    return (torch.cat(outs).reshape(num_q, num_heads, -1),
+            torch.cat(lses).reshape(num_q, num_heads))
+
+
+# ---------------------------------------------------------------- combination
+def merge_by_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                 lse_b: torch.Tensor) -> torch.Tensor:
+    """Softmax over the union of two disjoint key sets from their partial results."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = lse.nan_to_num(neginf=0.0)
+    weight_a = torch.exp(lse_a - safe).nan_to_num(0.0).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - safe).nan_to_num(0.0).unsqueeze(-1)
+    return out_a * weight_a + out_b * weight_b
+
+
+def combine_gated(o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor | None,
+                  gates: torch.Tensor) -> torch.Tensor:
+    """o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win (gates [Q, HQ, 3] in (cmp, slc, win) order)."""
+    gates = gates.to(o_cmp.dtype)
+    out = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc
+    if o_win is not None:
+        out = out + gates[..., 2:3] * o_win
+    return out
+
+
+def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: NSAConfig,
+                  gates: torch.Tensor | None = None, scale: float | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NSA for one sequence: returns (out [Q, HQ, Dv] in q's dtype, block_indices [Q, H, n]).
+
+    gates [Q, HQ, 3] (cmp, slc, win): gated combination of the three branches (NSA models).
+    gates None: merged, training-free mode — exact attention over selected blocks ∪ window,
+    the compressed branch used only to score blocks.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError("expected q [Q, HQ, D], k [T, H, D], v [T, H, Dv]")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    num_tokens, num_kv_heads = k.shape[:2]
+    positions = _query_positions(q.shape[0], num_tokens, q.device)
+    k_cmp, v_cmp = compress_kv(k, v, config)
+    o_cmp, p_cmp, _ = compressed_attention(q, k_cmp, v_cmp, positions, config, scale)
+    num_blocks = config.num_select_blocks(num_tokens)
+    block_indices = select_blocks(block_importance(p_cmp, num_blocks, config), positions,
+                                  num_kv_heads, config)
+    o_slc, lse_slc = selection_attention(q, k, v, block_indices, positions, config, scale)
+    if gates is None:
+        if config.window == 0:
+            out = o_slc
+        else:
+            selected = _blocks_to_mask(block_indices, num_blocks)
+            o_win, lse_win = window_attention(q, k, v, positions, config, scale,
+                                              exclude_blocks=selected)
+            out = merge_by_lse(o_slc, lse_slc, o_win, lse_win)
+    else:
+        if gates.shape != q.shape[:2] + (3,):
+            raise ValueError(f"gates must be [Q, HQ, 3] = {tuple(q.shape[:2]) + (3,)}, "
+                             f"got {tuple(gates.shape)}")
+        o_win = (window_attention(q, k, v, positions, config, scale)[0]
+                 if config.window else None)
+        out = combine_gated(o_cmp, o_slc, o_win, gates)
+    return out.to(q.dtype), block_indices
+
+
+# ---------------------------------------------------------------- decode economics
+def decode_read_counts(seq_len: int, config: NSAConfig) -> dict[str, int]:
+    """Raw-token-equivalents one decode step reads per KV head at context length seq_len
+    (spec, "Decode economics"): compressed entries, selected real tokens, window tokens."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    num_blocks = config.num_select_blocks(seq_len)
+    if num_blocks <= config.select_topk:
+        selected = seq_len
+    else:  # the partial current block is always selected (local), the rest are full blocks
+        selected = (config.select_topk - 1) * config.select_block + (
+            seq_len - (num_blocks - 1) * config.select_block)
+    counts = {
+        "compressed": config.num_compressed(seq_len),
+        "selected": selected,
+        "window": min(config.window, seq_len),
+    }
+    counts["total"] = sum(counts.values())
+    counts["dense"] = seq_len
+    return counts

@@ -1,0 +1,96 @@
+"""Brute-force float64 NSA written line by line from NSA_SPEC.md: loops, no cleverness.
+
+It shares no code with the reference (only the NSAConfig dataclass) so that it can catch
+the reference's mistakes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _softmax_attend(qv, keys, values, scale):
+    """qv [D], keys [N, D], values [N, Dv] -> (output [Dv], probabilities [N]); N may be 0."""
+    if keys.shape[0] == 0:
+        return torch.zeros(values.shape[-1], dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    logits = (keys @ qv) * scale
+    probs = torch.softmax(logits, dim=0)
+    return probs @ values, probs
+
+
+def oracle_group_scores(q, k, v, cfg, scale=None):
+    """Per query row: dict with p_cmp per head, group scores per KV head over candidate blocks."""
+    return _run(q, k, v, cfg, None, scale, None)[2]
+
+
+def oracle_nsa(q, k, v, cfg, gates=None, scale=None, block_indices=None):
+    """Returns (out float64 [Q, HQ, Dv], block_indices [Q, H, n], group_scores [Q, H, NB]).
+
+    block_indices (optional) overrides the oracle's own selection (used where two
+    implementations break a near-tie differently); the oracle's own is still returned.
+    """
+    return _run(q, k, v, cfg, gates, scale, block_indices)
+
+
+def _run(q, k, v, cfg, gates, scale, forced_indices):
+    q, k, v = q.double(), k.double(), v.double()
+    Q, HQ, D = q.shape
+    T, H, Dv = v.shape
+    G = HQ // H
+    s = 1.0 / math.sqrt(D) if scale is None else scale
+    l, d, lp, n, w = (cfg.compress_block, cfg.compress_stride, cfg.select_block,
+                      cfg.select_topk, cfg.window)
+    NB = -(-T // lp)
+    # compressed tokens of the whole sequence that exist at all (for t = T-1)
+    num_cmp = 0 if T < l else (T - l) // d + 1
+    k_cmp = [k[i * d:i * d + l].mean(dim=0) for i in range(num_cmp)]   # each [H, D]
+    v_cmp = [v[i * d:i * d + l].mean(dim=0) for i in range(num_cmp)]
+    out = torch.zeros(Q, HQ, Dv, dtype=torch.float64)
+    indices = torch.full((Q, H, n), -1, dtype=torch.int64)
+    group_scores = torch.zeros(Q, H, NB, dtype=torch.float64)
+    for row in range(Q):
+        t = T - Q + row
+        visible = [i for i in range(num_cmp) if i * d + l - 1 <= t]
+        o_cmp = torch.zeros(HQ, Dv, dtype=torch.float64)
+        p_slc = torch.zeros(HQ, NB, dtype=torch.float64)
+        for h in range(HQ):
+            kv = h // G
+            keys = torch.stack([k_cmp[i][kv] for i in visible]) if visible else torch.zeros(0, D, dtype=torch.float64)
+            vals = torch.stack([v_cmp[i][kv] for i in visible]) if visible else torch.zeros(0, Dv, dtype=torch.float64)
+            o_cmp[h], probs = _softmax_attend(q[row, h], keys, vals, s)
+            for pos, i in enumerate(visible):
+                for j in range(NB):
+                    overlap = min(i * d + l, (j + 1) * lp) - max(i * d, j * lp)
+                    if overlap > 0:
+                        p_slc[h, j] += overlap / d * probs[pos]
+        current = t // lp
+        for g in range(H):
+            P = p_slc[g * G:(g + 1) * G].sum(dim=0)
+            group_scores[row, g] = P
+            candidates = list(range(current + 1))
+
+            def rank(j):
+                forced = j < cfg.init_blocks or current - cfg.local_blocks < j <= current
+                return (0 if forced else 1, -float(P[j]), j)
+
+            chosen = sorted(sorted(candidates, key=rank)[:n])
+            indices[row, g, :len(chosen)] = torch.tensor(chosen, dtype=torch.int64)
+        use = forced_indices[row] if forced_indices is not None else indices[row]
+        for h in range(HQ):
+            kv = h // G
+            blocks = [int(j) for j in use[kv] if int(j) >= 0]
+            selected = [p for j in blocks for p in range(j * lp, (j + 1) * lp) if p <= t]
+            window = list(range(max(0, t - w + 1), t + 1)) if w > 0 else []
+            if gates is None:
+                union = sorted(set(selected) | set(window))
+                out[row, h], _ = _softmax_attend(q[row, h], k[union, kv], v[union, kv], s)
+            else:
+                gt = gates[row, h].double()
+                o_slc, _ = _softmax_attend(q[row, h], k[selected, kv], v[selected, kv], s)
+                o = gt[0] * o_cmp[h] + gt[1] * o_slc
+                if w > 0:
+                    o_win, _ = _softmax_attend(q[row, h], k[window, kv], v[window, kv], s)
+                    o = o + gt[2] * o_win
+                out[row, h] = o
+    return out, indices, group_scores
