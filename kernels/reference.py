@@ -221,14 +221,52 @@ def merge_by_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
     return out_a * weight_a + out_b * weight_b
 
 
-def combine_gated(o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor | None,
-                  gates: torch.Tensor) -> torch.Tensor:
-    """o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win (gates [Q, HQ, 3] in (cmp, slc, win) order)."""
-    gates = gates.to(o_cmp.dtype)
-    out = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc
-    if o_win is not None:
-        out = out + gates[..., 2:3] * o_win
-    return out
+def combine_gated(branches: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win.
+
+    branches [..., 3, Dv] and gates [..., 3], both in (cmp, slc, win) order.
+    """
+    return (branches * gates.to(branches.dtype).unsqueeze(-1)).sum(dim=-2)
+
+
+def nsa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: NSAConfig, *,
+                branches: bool, scale: float | None = None,
+                compressed: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared core of every NSA path (float32/64 result, not cast back).
+
+    branches=False: merged, training-free mode -> [Q, HQ, Dv]: exact attention over the
+      selected blocks ∪ window; the compressed branch only scores blocks.
+    branches=True: the three branch outputs [Q, HQ, 3, Dv] in (cmp, slc, win) order, for
+      the gated mode (o_win is 0 when window == 0).
+    compressed: (k_cmp, v_cmp) as a cache holds them (at least C(T-1) entries); computed
+      from k/v with phi = mean when None.
+    Returns (output, block_indices [Q, H, n]).
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError("expected q [Q, HQ, D], k [T, H, D], v [T, H, Dv]")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    num_tokens, num_kv_heads = k.shape[:2]
+    positions = _query_positions(q.shape[0], num_tokens, q.device)
+    if compressed is None:
+        compressed = compress_kv(k, v, config)
+    num_cmp = config.num_compressed(num_tokens)
+    k_cmp, v_cmp = (x[:num_cmp] for x in compressed)
+    o_cmp, p_cmp, _ = compressed_attention(q, k_cmp, v_cmp, positions, config, scale)
+    num_blocks = config.num_select_blocks(num_tokens)
+    block_indices = select_blocks(block_importance(p_cmp, num_blocks, config), positions,
+                                  num_kv_heads, config)
+    o_slc, lse_slc = selection_attention(q, k, v, block_indices, positions, config, scale)
+    if not branches:
+        if config.window == 0:
+            return o_slc, block_indices
+        selected = _blocks_to_mask(block_indices, num_blocks)
+        o_win, lse_win = window_attention(q, k, v, positions, config, scale,
+                                          exclude_blocks=selected)
+        return merge_by_lse(o_slc, lse_slc, o_win, lse_win), block_indices
+    o_win = (window_attention(q, k, v, positions, config, scale)[0] if config.window
+             else torch.zeros_like(o_slc))
+    return torch.stack((o_cmp, o_slc, o_win), dim=-2), block_indices
 
 
 def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: NSAConfig,
@@ -240,32 +278,12 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: NSA
     gates None: merged, training-free mode — exact attention over selected blocks ∪ window,
     the compressed branch used only to score blocks.
     """
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError("expected q [Q, HQ, D], k [T, H, D], v [T, H, Dv]")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    num_tokens, num_kv_heads = k.shape[:2]
-    positions = _query_positions(q.shape[0], num_tokens, q.device)
-    k_cmp, v_cmp = compress_kv(k, v, config)
-    o_cmp, p_cmp, _ = compressed_attention(q, k_cmp, v_cmp, positions, config, scale)
-    num_blocks = config.num_select_blocks(num_tokens)
-    block_indices = select_blocks(block_importance(p_cmp, num_blocks, config), positions,
-                                  num_kv_heads, config)
-    o_slc, lse_slc = selection_attention(q, k, v, block_indices, positions, config, scale)
-    if gates is None:
-        if config.window == 0:
-            out = o_slc
-        else:
-            selected = _blocks_to_mask(block_indices, num_blocks)
-            o_win, lse_win = window_attention(q, k, v, positions, config, scale,
-                                              exclude_blocks=selected)
-            out = merge_by_lse(o_slc, lse_slc, o_win, lse_win)
-    else:
-        if gates.shape != q.shape[:2] + (3,):
-            raise ValueError(f"gates must be [Q, HQ, 3] = {tuple(q.shape[:2]) + (3,)}, "
-                             f"got {tuple(gates.shape)}")
-        o_win = (window_attention(q, k, v, positions, config, scale)[0]
-                 if config.window else None)
-        out = combine_gated(o_cmp, o_slc, o_win, gates)
+    if gates is not None and gates.shape != q.shape[:2] + (3,):
+        raise ValueError(f"gates must be [Q, HQ, 3] = {tuple(q.shape[:2]) + (3,)}, "
+                         f"got {tuple(gates.shape)}")
+    out, block_indices = nsa_forward(q, k, v, config, branches=gates is not None, scale=scale)
+    if gates is not None:
+        out = combine_gated(out, gates)
     return out.to(q.dtype), block_indices
 
 
