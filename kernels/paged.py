@@ -5,9 +5,13 @@ Cache layout (one layer):
 - key_cache / value_cache [num_pages, page_size, H, D]: raw K/V; position p of request r is
   at page block_table[r, p // page_size], slot p % page_size.
 - cmp_key_cache / cmp_value_cache [num_pages, page_size // compress_stride, H, D]: compressed
-  entry i (raw positions [i*d, i*d + l)) is stored at the slot of its START position i*d:
-  page block_table[r, i*d // page_size], slot (i*d % page_size) // d. It shares the raw
-  cache's block table, so prefix caching and preemption treat both alike.
+  entry i (raw positions [i*d, i*d + l)) is stored with its LAST raw token e = i*d + l - 1:
+  page block_table[r, e // page_size], slot (e % page_size) // d. It shares the raw cache's
+  block table. Keying entries by their last token (not their first) makes a page's
+  compressed entries a function of that page and the pages before it — exactly what vLLM's
+  prefix-cache hash covers — so a shared, cached page is never rewritten by a request whose
+  later tokens differ. Flattened over a request's pages, entry i sits at index
+  i + l/d - 1 (`compressed_slot_offset`).
 Tensors may be strided views (vLLM allocates them inside one buffer per layer).
 """
 from __future__ import annotations
@@ -25,6 +29,11 @@ def gather_pages(cache: torch.Tensor, block_table_row: torch.Tensor, num_entries
     num_pages = -(-num_entries // per_page)
     pages = block_table_row[:num_pages].long()
     return cache[pages].flatten(0, 1)[:num_entries]
+
+
+def compressed_slot_offset(config: NSAConfig) -> int:
+    """Flattened cache index of compressed entry 0 (entry i is at i + this)."""
+    return config.compress_block // config.compress_stride - 1
 
 
 def compress_paged(key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -47,9 +56,9 @@ def compress_paged(key_cache: torch.Tensor, value_cache: torch.Tensor,
         config.compress_block, device=req.device)                       # [E, l]
     pages = block_table[req.unsqueeze(1), positions // page_size].long()
     slots = positions % page_size
-    start = index * config.compress_stride
-    dest_page = block_table[req, start // page_size].long()
-    dest_slot = (start % page_size) // config.compress_stride
+    last = index * config.compress_stride + config.compress_block - 1
+    dest_page = block_table[req, last // page_size].long()
+    dest_slot = (last % page_size) // config.compress_stride
     for raw, compressed in ((key_cache, cmp_key_cache), (value_cache, cmp_value_cache)):
         mean = raw[pages, slots].float().mean(dim=1)                  # [E, H, D]
         compressed[dest_page, dest_slot] = mean.to(compressed.dtype)
@@ -79,9 +88,10 @@ def nsa_paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         row = block_table[r]
         k = gather_pages(key_cache, row, seq_len)
         v = gather_pages(value_cache, row, seq_len)
+        offset = compressed_slot_offset(config)
         num_cmp = config.num_compressed(seq_len)
-        compressed = (gather_pages(cmp_key_cache, row, num_cmp),
-                      gather_pages(cmp_value_cache, row, num_cmp))
+        compressed = (gather_pages(cmp_key_cache, row, offset + num_cmp)[offset:],
+                      gather_pages(cmp_value_cache, row, offset + num_cmp)[offset:])
         out, idx = nsa_forward(q[a:b], k, v, config, branches=branches, scale=scale,
                                compressed=compressed)
         output[a:b] = out.to(output.dtype)
