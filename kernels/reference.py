@@ -288,22 +288,25 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: NSA
 
 
 # ---------------------------------------------------------------- decode economics
+def decode_read_counts_batch(seq_lens: torch.Tensor, config: NSAConfig) -> dict[str, torch.Tensor]:
+    """Per-request raw-token-equivalents a decode step reads per KV head at context length
+    seq_lens (spec, "Decode economics"): compressed entries, selected real tokens (the
+    partial current block is always selected), window tokens, their total, and dense."""
+    seq_lens = torch.as_tensor(seq_lens, dtype=torch.int64)
+    if (seq_lens < 1).any():
+        raise ValueError(f"seq_lens must be >= 1, got {seq_lens.min().item()}")
+    l, d, block, topk = (config.compress_block, config.compress_stride, config.select_block,
+                         config.select_topk)
+    num_blocks = -(-seq_lens // block)
+    selected = torch.where(num_blocks <= topk, seq_lens,
+                           (topk - 1) * block + seq_lens - (num_blocks - 1) * block)
+    compressed = torch.where(seq_lens >= l, (seq_lens - l) // d + 1, torch.zeros_like(seq_lens))
+    window = seq_lens.clamp(max=config.window)
+    return {"compressed": compressed, "selected": selected, "window": window,
+            "total": compressed + selected + window, "dense": seq_lens}
+
+
 def decode_read_counts(seq_len: int, config: NSAConfig) -> dict[str, int]:
-    """Raw-token-equivalents one decode step reads per KV head at context length seq_len
-    (spec, "Decode economics"): compressed entries, selected real tokens, window tokens."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} must be >= 1")
-    num_blocks = config.num_select_blocks(seq_len)
-    if num_blocks <= config.select_topk:
-        selected = seq_len
-    else:  # the partial current block is always selected (local), the rest are full blocks
-        selected = (config.select_topk - 1) * config.select_block + (
-            seq_len - (num_blocks - 1) * config.select_block)
-    counts = {
-        "compressed": config.num_compressed(seq_len),
-        "selected": selected,
-        "window": min(config.window, seq_len),
-    }
-    counts["total"] = sum(counts.values())
-    counts["dense"] = seq_len
-    return counts
+    """decode_read_counts_batch for one context length, as plain ints."""
+    counts = decode_read_counts_batch(torch.tensor([seq_len]), config)
+    return {name: int(value[0]) for name, value in counts.items()}

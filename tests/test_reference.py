@@ -209,6 +209,8 @@ def test_decode_read_counts_match_selection():
 def test_rejects_bad_shapes():
     cfg = NSAConfig()
     q, k, v, gates = random_inputs(10, 10, 4, 2, 16, torch.float32, 0, True)
+    with pytest.raises(ValueError, match="seq_lens must be >= 1"):
+        decode_read_counts(0, cfg)
     with pytest.raises(ValueError, match="q holds 11 positions"):
         nsa_attention(torch.randn(11, 4, 16), k, v, cfg)
     with pytest.raises(ValueError, match="not a multiple of kv heads"):
