@@ -1,0 +1,386 @@
+"""NSA attention backend for vLLM 0.32 (reads top-down like vLLM's triton_attn.py):
+parameters -> cache layout -> metadata dataclass -> builder -> backend class -> impl.
+
+The math lives in `vllm_nsa.kernels` (torch path `paged`, Triton path `triton_nsa`, same
+signatures); this module only adapts vLLM's interfaces to it. All vLLM-version-specific
+calls of the backend are in this file.
+
+Two modes share every branch:
+- merged (training-free, a dense model served with `--attention-backend NSA`): one output
+  per head, exact attention over selected blocks ∪ window;
+- gated (NSA models, `nsa_gated=True`): the output buffer holds the three branch outputs per
+  head, [T, HQ, 3, Dv] in (cmp, slc, win) order, and the model applies its gates. Gates
+  never enter the attention op, so torch.compile's graph split at attention and CUDA
+  graphs' static buffers stay exactly as for any backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from vllm_nsa.config import NSAConfig
+from vllm_nsa.kernels.reference import decode_read_counts_batch
+
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logging config
+
+SUPPORTED_HEAD_SIZES = (32, 64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Where a user puts NSA parameters for a dense model: --additional-config '{"nsa": {...}}'.
+ADDITIONAL_CONFIG_KEY = "nsa"
+# Per-step decode read counters are appended here as JSON lines when set (the stats hook).
+STATS_FILE_ENV = "VLLM_NSA_STATS_FILE"
+
+
+# ------------------------------------------------------------------ parameters
+def resolve_nsa_config(vllm_config: VllmConfig) -> NSAConfig:
+    """NSA parameters in force: an NSA checkpoint's own config, else the user's
+    additional_config["nsa"], else the paper defaults."""
+    hf_config = vllm_config.model_config.hf_text_config
+    if getattr(hf_config, "model_type", None) == "nsa":
+        return NSAConfig.from_hf_config(hf_config)
+    additional = vllm_config.additional_config or {}
+    return NSAConfig.from_dict(additional.get(ADDITIONAL_CONFIG_KEY))
+
+
+_active_config: NSAConfig | None = None
+
+
+def _config_for_process() -> NSAConfig:
+    """The one NSA config of this process (every NSA layer of a model shares it)."""
+    global _active_config
+    if _active_config is None:
+        _active_config = resolve_nsa_config(get_current_vllm_config())
+        logger.info("NSA parameters: %s", _active_config.describe())
+    return _active_config
+
+
+def validate_layer(config: NSAConfig, head_size: int, dtype: torch.dtype | None,
+                   kv_cache_dtype: str | None, block_size: int | None,
+                   attn_type: str = AttentionType.DECODER, sliding_window=None,
+                   has_sink: bool = False, use_mla: bool = False) -> list[str]:
+    """Reasons this layer cannot run NSA, each naming the value and what is supported."""
+    reasons = []
+    if head_size not in SUPPORTED_HEAD_SIZES:
+        reasons.append(f"head_size={head_size} is not supported by NSA "
+                       f"(supported: {list(SUPPORTED_HEAD_SIZES)})")
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype={dtype} is not supported by NSA "
+                       f"(supported: {[str(t) for t in SUPPORTED_DTYPES]})")
+    if kv_cache_dtype not in (None, "auto", "float16", "bfloat16", "float32"):
+        reasons.append(f"kv_cache_dtype={kv_cache_dtype!r} is not supported by NSA "
+                       f"(supported: 'auto' = the model dtype)")
+    if block_size is not None and block_size % config.compress_stride:
+        reasons.append(f"block_size={block_size} must be a multiple of NSA compress_stride="
+                       f"{config.compress_stride} (a page holds whole compressed entries)")
+    if attn_type != AttentionType.DECODER:
+        reasons.append(f"attention type {attn_type!r} is not supported by NSA "
+                       f"(supported: decoder self-attention)")
+    if sliding_window is not None:
+        reasons.append(f"sliding_window={sliding_window}: models with their own sliding "
+                       f"window are not supported by NSA (it brings its own window branch)")
+    if has_sink:
+        reasons.append("attention sinks are not supported by NSA")
+    if use_mla:
+        reasons.append("MLA is not supported by NSA (it needs separate K and V heads)")
+    return reasons
+
+
+# ------------------------------------------------------------------ cache layout
+def compressed_page_bytes(spec: AttentionSpec, config: NSAConfig) -> int:
+    """Bytes of the compressed K/V that share a page with `spec.block_size` raw tokens."""
+    entries = spec.block_size // config.compress_stride
+    return entries * spec.num_kv_heads * (spec.head_size + spec.head_size_v) * \
+        spec.dtype.itemsize
+
+
+def split_kv_cache(kv_cache: torch.Tensor, head_size: int, compress_stride: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's page buffer -> (key, value, cmp_key, cmp_value) in the layout of
+    `vllm_nsa.kernels.paged`.
+
+    vLLM hands us the raw part as a logical [B, H, N, C] view (C = K||V) in the LBNHC
+    layout, i.e. each page is [N, H, C] in memory; `customize_spec` padded each page by
+    N/d compressed entries laid out the same way right after it.
+    """
+    num_pages, num_heads, page_tokens, content = kv_cache.shape
+    if kv_cache.stride(1) != content or kv_cache.stride(2) != num_heads * content:
+        raise RuntimeError(f"NSA expects the LBNHC KV-cache layout; got strides "
+                           f"{kv_cache.stride()} for shape {tuple(kv_cache.shape)}")
+    raw = kv_cache.permute(0, 2, 1, 3)                          # [B, N, H, C]
+    compressed = torch.as_strided(
+        kv_cache, (num_pages, page_tokens // compress_stride, num_heads, content),
+        (kv_cache.stride(0), num_heads * content, content, 1),
+        kv_cache.storage_offset() + page_tokens * num_heads * content)
+    return (raw[..., :head_size], raw[..., head_size:],
+            compressed[..., :head_size], compressed[..., head_size:])
+
+
+def paged_ops(device: torch.device):
+    """The kernel module for this device: Triton on CUDA, the torch twin elsewhere."""
+    if device.type == "cuda":
+        from vllm_nsa.kernels import triton_nsa
+        return triton_nsa
+    from vllm_nsa.kernels import paged
+    return paged
+
+
+# ------------------------------------------------------------------ metadata
+@dataclass
+class NSAAttentionMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor   # [R+1] int32
+    seq_lens: torch.Tensor          # [R] int32, tokens in the cache after this step
+    block_table: torch.Tensor       # [R, max_pages] int32
+    slot_mapping: torch.Tensor      # [N] raw-cache slot of each new token
+    # Compressed entries whose last raw token is written in this step (request row, index).
+    emit_req: torch.Tensor
+    emit_index: torch.Tensor
+    num_decodes: int                # decode requests come first (reorder threshold 1)
+    num_decode_tokens: int
+
+
+def compressed_to_emit(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                       config: NSAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(request row, compressed index) of every entry completed by this step's tokens.
+
+    Request r held seq_len - query_len tokens before the step and seq_len after, so the
+    entries C(before) .. C(after) - 1 complete now — wherever a prefill chunk or a
+    decode step ends, and after a prefix-cache hit (whose entries are already stored).
+    """
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]
+    after = seq_lens.long()
+    before = after - query_lens.long()
+
+    def num_compressed(n):
+        return torch.where(n >= config.compress_block,
+                           (n - config.compress_block) // config.compress_stride + 1,
+                           torch.zeros_like(n))
+
+    first, last = num_compressed(before), num_compressed(after)
+    counts = last - first
+    emit_req = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    emit_index = first[emit_req] + torch.arange(len(emit_req)) - starts[emit_req]
+    return emit_req.to(torch.int32), emit_index.to(torch.int32)
+
+
+class DecodeReadStats:
+    """The spec's decode read counters (raw-token equivalents per KV head per layer),
+    summed over the decode requests of each step: logged at debug level, and appended as
+    JSON lines to $VLLM_NSA_STATS_FILE when set (the hook tests and evals read)."""
+
+    def __init__(self, config: NSAConfig) -> None:
+        self.config = config
+        self.path = os.environ.get(STATS_FILE_ENV)
+        self.steps = 0
+
+    def record(self, decode_seq_lens: torch.Tensor) -> None:
+        if decode_seq_lens.numel() == 0:
+            return
+        counts = {name: int(value.sum())
+                  for name, value in decode_read_counts_batch(decode_seq_lens,
+                                                              self.config).items()}
+        counts["decode_requests"] = int(decode_seq_lens.numel())
+        self.steps += 1
+        logger.debug("NSA decode step %d reads per KV head: %s", self.steps, counts)
+        if self.path:
+            with open(self.path, "a") as stats_file:
+                stats_file.write(json.dumps(counts) + "\n")
+
+
+class NSAMetadataBuilder(AttentionMetadataBuilder[NSAAttentionMetadata]):
+    # Emission lists are built on the host from exact sequence lengths; decode CUDA graphs
+    # need them built on device into static buffers (not yet), so no capture.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
+                 vllm_config: VllmConfig, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.config = _config_for_process()
+        self._init_reorder_batch_threshold(1)
+        self.stats = DecodeReadStats(self.config)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> NSAAttentionMetadata:
+        md = common_attn_metadata
+        num_reqs = md.num_reqs
+        query_start_loc_cpu = md.query_start_loc_cpu[:num_reqs + 1]
+        seq_lens_cpu = (md.seq_lens_cpu_upper_bound if md.seq_lens_cpu_upper_bound is not None
+                        else md.seq_lens.cpu())[:num_reqs]
+        emit_req, emit_index = compressed_to_emit(query_start_loc_cpu, seq_lens_cpu,
+                                                  self.config)
+        query_lens = query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]
+        num_decodes = int((query_lens == 1).long().cumprod(0).sum())
+        self.stats.record(seq_lens_cpu[:num_decodes])
+        return NSAAttentionMetadata(
+            num_actual_tokens=md.num_actual_tokens,
+            max_query_len=md.max_query_len,
+            max_seq_len=md.max_seq_len,
+            query_start_loc=md.query_start_loc[:num_reqs + 1],
+            seq_lens=md.seq_lens[:num_reqs],
+            block_table=md.block_table_tensor[:num_reqs],
+            slot_mapping=md.slot_mapping,
+            emit_req=emit_req.to(self.device, non_blocking=True),
+            emit_index=emit_index.to(self.device, non_blocking=True),
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decodes,
+        )
+
+
+# ------------------------------------------------------------------ backend
+class NSAAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = list(SUPPORTED_DTYPES)
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16", "float32"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "NSA"
+
+    @staticmethod
+    def get_impl_cls() -> type["NSAAttentionImpl"]:
+        return NSAAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[NSAMetadataBuilder]:
+        return NSAMetadataBuilder
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(SUPPORTED_HEAD_SIZES)
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        # Pages are never split into kernel blocks (padded pages cannot be).
+        return [MultipleOf(_config_for_process().compress_stride)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return (KVCacheLayout.LBNHC,)
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Pad each page with its compressed entries so vLLM allocates, profiles, prefix-
+        caches and frees both caches together, under one block table."""
+        if spec.page_size_padded is not None:
+            return spec
+        extra = compressed_page_bytes(spec, _config_for_process())
+        return dataclasses.replace(spec, page_size_padded=spec.page_size_bytes + extra)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def validate_configuration(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla,
+                               has_sink, use_sparse, use_mm_prefix, use_per_head_quant_scales,
+                               device_capability, attn_type, has_sliding_window=False,
+                               **unsupported_features) -> list[str]:
+        reasons = validate_layer(_config_for_process(), head_size, dtype, kv_cache_dtype,
+                                 block_size, attn_type,
+                                 "model-defined" if has_sliding_window else None,
+                                 has_sink, use_mla)
+        if use_sparse or use_mm_prefix or use_per_head_quant_scales:
+            reasons.append("sparse-indexer, multimodal-prefix and per-head-quantised "
+                           "models are not supported by NSA")
+        reasons += [f"{name.removeprefix('use_')} is not supported by NSA"
+                    for name, wanted in unsupported_features.items() if wanted]
+        return reasons
+
+
+# ------------------------------------------------------------------ impl
+class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None, sliding_window: int | None,
+                 kv_cache_dtype: str, logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None,
+                 sinks: torch.Tensor | None = None, nsa_config: NSAConfig | None = None,
+                 nsa_gated: bool = False) -> None:
+        global _active_config
+        if nsa_config is not None:
+            if _active_config not in (None, nsa_config):
+                raise ValueError(f"NSA layers of one model must share parameters: "
+                                 f"{nsa_config.describe()} vs {_active_config.describe()}")
+            _active_config = nsa_config
+        self.config = _config_for_process()
+        reasons = validate_layer(self.config, head_size, None, kv_cache_dtype, None,
+                                 attn_type, sliding_window, sinks is not None)
+        if alibi_slopes is not None:
+            reasons.append("ALiBi slopes are not supported by NSA")
+        if logits_soft_cap:
+            reasons.append(f"logits_soft_cap={logits_soft_cap} is not supported by NSA")
+        if kv_sharing_target_layer_name is not None:
+            reasons.append("cross-layer KV sharing is not supported by NSA")
+        if num_heads % num_kv_heads:
+            reasons.append(f"num_heads={num_heads} is not a multiple of "
+                           f"num_kv_heads={num_kv_heads}")
+        if reasons:
+            raise ValueError("NSA attention cannot run this layer: " + "; ".join(reasons))
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = None
+        self.gated = nsa_gated
+
+    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor,
+                           value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        key_cache, value_cache, _, _ = split_kv_cache(kv_cache, self.head_size,
+                                                      self.config.compress_stride)
+        num_tokens = slot_mapping.shape[0]
+        valid = slot_mapping[:num_tokens] >= 0      # -1: padding tokens
+        slots = slot_mapping[valid].long()
+        page_size = key_cache.shape[1]
+        pages, offsets = slots // page_size, slots % page_size
+        key_cache[pages, offsets] = key[:num_tokens][valid].to(key_cache.dtype)
+        value_cache[pages, offsets] = value[:num_tokens][valid].to(value_cache.dtype)
+
+    def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: NSAAttentionMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by NSA")
+        if attn_metadata is None:  # profiling run
+            return output
+        md = attn_metadata
+        ops = paged_ops(query.device)
+        caches = split_kv_cache(kv_cache, self.head_size, self.config.compress_stride)
+        # The raw K/V of this step are in the cache (do_kv_cache_update ran first); emit
+        # the compressed entries they complete before any branch reads them.
+        ops.compress_paged(*caches, md.block_table, md.emit_req, md.emit_index, self.config)
+        num_tokens = md.num_actual_tokens
+        if self.gated:
+            out = output.view(-1, self.num_heads, 3, output.shape[-1])[:num_tokens]
+        else:
+            out = output[:num_tokens]
+        ops.nsa_paged_attention(query[:num_tokens], *caches, md.block_table,
+                                md.query_start_loc, md.seq_lens, self.config, self.scale,
+                                out, self.gated)
+        return output
