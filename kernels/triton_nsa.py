@@ -22,8 +22,6 @@ The module imports without a GPU; kernels compile on first launch.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -286,13 +284,18 @@ def _block_select_kernel(
                    & entry_ok[None, :] & row_valid[:, None])
         probs = tl.where(visible, tl.exp2(scores - safe_lse[:, None]), 0.0)
         blocks = c * BB + block_offs
+        # omega is linear: sum the group's probabilities first (Eq. 10), then weight (Eq. 9).
+        group_probs = tl.sum(tl.reshape(probs, [BLOCK_T, GP, BC]), axis=1)     # [BLOCK_T, BC]
         weights = _overlap(entries[:, None], blocks[None, :], CBLOCK, STRIDE, SBLOCK)
-        head_importance = tl.dot(probs, weights, input_precision="ieee")    # [ROWS, BB]
-        importance = tl.sum(tl.reshape(head_importance, [BLOCK_T, GP, BB]), axis=1)
+        if BLOCK_T >= 16:
+            importance = tl.dot(group_probs, weights, input_precision="ieee")
+        else:
+            # Explicit fp32 products: Triton may lower this pattern to a tf32 dot at >= 16
+            # rows, which reorders near-ties (seen on an H100).
+            importance = tl.sum(group_probs[:, :, None] * weights[None, :, :], axis=1)
         importance += tl.where(block_offs[None, :] == 0, spill[:, None], 0.0)
         next_weights = _overlap(entries, c * BB + BB, CBLOCK, STRIDE, SBLOCK)
-        spill = tl.sum(tl.reshape(tl.sum(probs * next_weights[None, :], axis=1), [BLOCK_T, GP]),
-                       axis=1)
+        spill = tl.sum(group_probs * next_weights[None, :], axis=1)
         candidate = (blocks[None, :] <= current_block[:, None]) & tok_valid[:, None]
         forced = candidate & ((blocks[None, :] < INIT_BLOCKS)
                               | (blocks[None, :] > current_block[:, None] - LOCAL_BLOCKS))
@@ -302,7 +305,10 @@ def _block_select_kernel(
         key = ((ranked.to(tl.int32, bitcast=True).to(tl.int64) << 32)
                | (0x7FFFFFFF - blocks[None, :]).to(tl.int64))
         key = tl.where(candidate & (c >= tile_lo), key, -1)
-        best = _keep_top(best, key, BLOCK_T, BB)
+        # Sort only when some token's candidate beats that token's current worst kept key.
+        improves = tl.sum((tl.max(key, axis=1) > tl.min(best, axis=1)).to(tl.int32), axis=0)
+        if improves > 0:
+            best = _keep_top(best, key, BLOCK_T, BB)
     token_ids = (tl.load(qsl_ptr + req) + q_off + toks).to(tl.int64)
     if NUM_SPLITS == 1:
         indices = _keys_to_indices(best, block_offs[None, :], TOPK)
@@ -391,18 +397,17 @@ def _sparse_attention_kernel(
     row_max = tl.full([ROWS], float("-inf"), tl.float32)
     row_sum = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, DV], tl.float32)
-    for k in range(TOPK):
-        block = tl.load(index_base + k)
-        if block >= 0:
-            for part in range(SBLOCK // BLOCK_K):
-                first = block.to(tl.int64) * SBLOCK + part * BLOCK_K
-                if first <= position:
-                    positions = first + key_offs
-                    row_max, row_sum, acc = _attend_tile(
-                        q, key_ptr, value_ptr, table_ptr, req, table_row, positions,
-                        positions <= position, kv_head, k_page, k_slot, k_head,
-                        v_page, v_slot, v_head, qk_scale, row_max, row_sum, acc,
-                        PAGE_SIZE, D, DV, DOT_PRECISION)
+    # A flat, branch-free loop so Triton can pipeline it; a padding block (-1) has only
+    # negative positions and is fully masked.
+    for step in range(TOPK * (SBLOCK // BLOCK_K)):
+        block = tl.load(index_base + step // (SBLOCK // BLOCK_K))
+        positions = (block.to(tl.int64) * SBLOCK + (step % (SBLOCK // BLOCK_K)) * BLOCK_K
+                     + key_offs)
+        row_max, row_sum, acc = _attend_tile(
+            q, key_ptr, value_ptr, table_ptr, req, table_row, positions,
+            (positions >= 0) & (positions <= position), kv_head, k_page, k_slot, k_head,
+            v_page, v_slot, v_head, qk_scale, row_max, row_sum, acc,
+            PAGE_SIZE, D, DV, DOT_PRECISION)
 
     dv = tl.arange(0, DV)
     out_base = out_ptr + token * out_tok + head[:, None] * out_head + dv[None, :]
@@ -524,7 +529,7 @@ def nsa_paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     """NSA for a batch of requests over the paged caches; see paged.py for the contract.
 
     Optional hints (host ints, CUDA-graph safe): max_query_len (1 = all decodes: small query
-    tiles), max_seq_len (bounds the compressed scan; default: the block table's capacity),
+    tiles), max_seq_len (must bound every seq_len; default: the block table's capacity),
     num_splits (programs sharing one compressed scan; default: enough to fill the GPU).
     Returns block_indices [N, H, select_topk] int32, ascending, -1 padded.
     """
@@ -565,8 +570,10 @@ def nsa_paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     tile_req, tile_qoff = _query_tiles(query_start_loc, num_tokens, block_t)
     num_q_tiles = tile_req.shape[0]
     if num_splits is None:
-        busy = num_q_tiles * num_kv_heads
-        num_splits = max(1, min(max_scan_tiles, -(-2 * _num_sms(device) // busy)))
+        # Occupied tiles: one per request when decoding, else about num_tokens / block_t.
+        busy = min(num_q_tiles, num_reqs if decode_only else -(-num_tokens // block_t))
+        busy = max(1, busy) * num_kv_heads
+        num_splits = max(1, min(max_scan_tiles, -(-4 * _num_sms(device) // busy)))
     tiles_per_split = -(-max_scan_tiles // num_splits)
     num_splits = -(-max_scan_tiles // tiles_per_split)
 

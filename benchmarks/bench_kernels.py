@@ -1,0 +1,410 @@
+"""GPU correctness and per-layer timing of the Triton NSA kernels (kernels/triton_nsa.py).
+
+Run on the GPU machine from the repo root:  python benchmarks/bench_kernels.py
+Optional: FA3_DIR (folder with _vllm_fa3_C.abi3.so + flash_attn_interface.py, see
+../shared/tools/fa3-anchor.sh), fla-core importable for FLA's parallel_nsa, OUT (folder for
+the JSON; default benchmarks/results). Prints tables; writes kernels_<device>.json.
+
+1. Correctness at realistic shapes: a mixed batch (prefill chunks with cached context,
+   whole prompts, decodes at 8k-64k) on shuffled pages, bf16, merged and branches, and a
+   decode-only batch through the split scan; outputs poisoned with NaN before each run;
+   compared with the torch twin (kernels/paged.py): relative error, and block sets identical
+   except near-ties (checked against the reference's group scores).
+2. Prefill 8k-64k, (HQ, H) = (32, 8), (64, 4), D = 128: NSA (three branches; merged too)
+   vs torch SDPA (flash) vs FA3 vs FLA parallel_nsa (G >= 16, no window).
+3. Decode, batch 1/8/32 at 8k/32k/64k, paged: NSA (eager and CUDA graph) vs FA3 paged decode,
+   bytes/s on the spec's Table-4 bytes vs the measured copy bandwidth.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import math
+import os
+import sys
+import time
+import types
+
+import torch
+import triton
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+try:
+    import vllm_nsa.kernels  # noqa: F401  (installed: kernels/ is vllm_nsa.kernels)
+except ModuleNotFoundError:  # a bare checkout (the GPU machine): map kernels/ by hand
+    import importlib.util
+    _spec = importlib.util.spec_from_file_location(
+        "vllm_nsa.kernels", os.path.join(ROOT, "kernels", "__init__.py"),
+        submodule_search_locations=[os.path.join(ROOT, "kernels")])
+    sys.modules["vllm_nsa.kernels"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["vllm_nsa.kernels"])
+from vllm_nsa.config import NSAConfig  # noqa: E402
+from vllm_nsa.kernels import paged, reference  # noqa: E402
+from vllm_nsa.kernels import triton_nsa  # noqa: E402
+
+CFG = NSAConfig()  # paper: l=32, d=16, l'=64, n=16, w=512
+D = 128
+PAGE = 64
+DT = torch.bfloat16
+DEV = "cuda"
+RESULTS: dict = {}
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def bench(fn, rep_ms=300):
+    """Median milliseconds (CUDA events through triton.testing.do_bench)."""
+    return triton.testing.do_bench(fn, warmup=20, rep=rep_ms, return_mode="median")
+
+
+# ------------------------------------------------------------------ paged fixtures
+def paged_batch(seq_lens, num_kv_heads, gen_seed=0, page_size=PAGE):
+    """Random raw caches on shuffled pages for requests of seq_lens, plus compressed caches
+    filled by the Triton emission kernel. Returns dict of tensors."""
+    torch.manual_seed(gen_seed)
+    pages_per = [-(-s // page_size) for s in seq_lens]
+    num_pages = sum(pages_per) + 1
+    key_cache = torch.randn(num_pages, page_size, num_kv_heads, D, device=DEV, dtype=DT)
+    value_cache = torch.randn_like(key_cache)
+    perm = torch.randperm(num_pages, device=DEV).to(torch.int32)
+    table = torch.zeros(len(seq_lens), max(pages_per), dtype=torch.int32, device=DEV)
+    used = 0
+    for r, n in enumerate(pages_per):
+        table[r, :n] = perm[used:used + n]
+        used += n
+    per_page = page_size // CFG.compress_stride
+    cmp_key = torch.full((num_pages, per_page, num_kv_heads, D), float("nan"), device=DEV,
+                         dtype=DT)
+    cmp_value = cmp_key.clone()
+    reqs, idxs = [], []
+    for r, s in enumerate(seq_lens):
+        c = CFG.num_compressed(s)
+        reqs.append(torch.full((c,), r, dtype=torch.int32))
+        idxs.append(torch.arange(c, dtype=torch.int32))
+    emit_req = torch.cat(reqs).to(DEV)
+    emit_index = torch.cat(idxs).to(DEV)
+    triton_nsa.compress_paged(key_cache, value_cache, cmp_key, cmp_value, table, emit_req,
+                              emit_index, CFG)
+    return dict(key_cache=key_cache, value_cache=value_cache, table=table, cmp_key=cmp_key,
+                cmp_value=cmp_value, emit_req=emit_req, emit_index=emit_index,
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEV))
+
+
+def run_nsa(impl, q, b, qsl, branches, **hints):
+    shape = (q.shape[0], q.shape[1], 3, D) if branches else (q.shape[0], q.shape[1], D)
+    out = torch.full(shape, float("nan"), device=DEV, dtype=DT)   # poison
+    idx = impl.nsa_paged_attention(q, b["key_cache"], b["value_cache"], b["cmp_key"],
+                                   b["cmp_value"], b["table"], qsl, b["seq_lens"], CFG,
+                                   D ** -0.5, out, branches, **hints)
+    return out, idx
+
+
+def group_scores(q_rows, b, r, positions, num_kv_heads):
+    """Reference group importance [rows, H, NB] for query rows of request r (float32)."""
+    s = int(b["seq_lens"][r])
+    row = b["table"][r]
+    offset = paged.compressed_slot_offset(CFG)
+    c = CFG.num_compressed(s)
+    k_cmp = paged.gather_pages(b["cmp_key"], row, offset + c)[offset:]
+    v_cmp = paged.gather_pages(b["cmp_value"], row, offset + c)[offset:]
+    _, p_cmp, _ = reference.compressed_attention(q_rows, k_cmp, v_cmp, positions, CFG,
+                                                 D ** -0.5)
+    p_slc = reference.block_importance(p_cmp, CFG.num_select_blocks(s), CFG)
+    return p_slc.reshape(p_slc.shape[0], num_kv_heads, -1, p_slc.shape[-1]).sum(2)
+
+
+def compare(name, q, b, qsl, branches, num_kv_heads, **hints):
+    out, idx = run_nsa(triton_nsa, q, b, qsl, branches, **hints)
+    torch.cuda.synchronize()
+    ref, ref_idx = run_nsa(paged, q, b, qsl, branches)
+    unwritten = int(out.isnan().sum())
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    mismatch = (idx != ref_idx).any(-1)
+    rows = mismatch.nonzero().tolist()
+    worst_gap = 0.0
+    starts = qsl.tolist()
+    for token, head in rows[:200]:
+        r = max(i for i in range(len(starts) - 1) if starts[i] <= token)
+        s = int(b["seq_lens"][r])
+        pos = s - (starts[r + 1] - starts[r]) + (token - starts[r])
+        scores = group_scores(q[token:token + 1], b, r, torch.tensor([pos], device=DEV),
+                              num_kv_heads)[0, head]
+        ours = set(idx[token, head].tolist()) - {-1}
+        theirs = set(ref_idx[token, head].tolist()) - {-1}
+        gap = abs(scores[list(ours - theirs)].min().item()
+                  - scores[list(theirs - ours)].max().item()) / scores.max().item()
+        worst_gap = max(worst_gap, gap)
+    ok = unwritten == 0 and rel < 1e-2 and worst_gap < 1e-3
+    entry = dict(rel_err=rel, unwritten=unwritten, rows=int(mismatch.numel()),
+                 mismatched_rows=len(rows), worst_tie_gap_rel=worst_gap, ok=ok)
+    log(f"  {name:44s} rel_err={rel:.2e} unwritten={unwritten} "
+        f"block-set mismatches={len(rows)}/{mismatch.numel()} (worst rel gap {worst_gap:.1e}) "
+        f"{'OK' if ok else 'FAIL'}")
+    return entry
+
+
+def correctness():
+    log("== correctness (bf16, D=128, paper params, page 64, shuffled pages) ==")
+    res = {}
+    # Mixed batch: chunk with 7k cached context, decode at 64k, odd chunk at 32k+77,
+    # decode at 16k+1, whole 3000-token prompt.
+    seq_lens = [8192, 65536, 32845, 16385, 3000]
+    q_lens = [1024, 1, 256, 1, 3000]
+    for hq, h in ((32, 8), (64, 4)):
+        b = paged_batch(seq_lens, h, gen_seed=hq)
+        # emission kernel vs twin on the same raw cache
+        ck, cv = torch.full_like(b["cmp_key"], float("nan")), torch.full_like(b["cmp_value"],
+                                                                             float("nan"))
+        paged.compress_paged(b["key_cache"], b["value_cache"], ck, cv, b["table"],
+                             b["emit_req"], b["emit_index"], CFG)
+        cmp_err = max((ck.float() - b["cmp_key"].float()).nan_to_num().abs().max().item(),
+                      (cv.float() - b["cmp_value"].float()).nan_to_num().abs().max().item())
+        same_nan = bool(torch.equal(ck.isnan(), b["cmp_key"].isnan()))
+        log(f"  compress_paged ({hq},{h}): max abs diff {cmp_err:.1e}, same slots {same_nan}")
+        res[f"compress_{hq}_{h}"] = dict(max_abs_diff=cmp_err, same_slots=same_nan,
+                                         ok=cmp_err < 1e-2 and same_nan)
+        qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32,
+                           device=DEV)
+        q = torch.randn(sum(q_lens), hq, D, device=DEV, dtype=DT)
+        for branches in (False, True):
+            mode = "branches" if branches else "merged"
+            res[f"mixed_{hq}_{h}_{mode}"] = compare(f"mixed batch ({hq},{h}) {mode}", q, b, qsl,
+                                                    branches, h)
+        # decode-only batch through the split scan (default split heuristic)
+        dec = [8192, 32768, 65536, 12345]
+        bd = paged_batch(dec, h, gen_seed=hq + 1)
+        qd = torch.randn(len(dec), hq, D, device=DEV, dtype=DT)
+        qsld = torch.arange(len(dec) + 1, dtype=torch.int32, device=DEV)
+        for branches in (False, True):
+            mode = "branches" if branches else "merged"
+            res[f"decode_{hq}_{h}_{mode}"] = compare(
+                f"decode batch ({hq},{h}) {mode} split", qd, bd, qsld, branches, h,
+                max_query_len=1, max_seq_len=65536)
+        del b, bd
+        torch.cuda.empty_cache()
+    RESULTS["correctness"] = res
+    return all(v["ok"] for v in res.values())
+
+
+# ------------------------------------------------------------------ baselines
+def load_fa3():
+    fa_dir = os.environ.get("FA3_DIR")
+    if not fa_dir:
+        return None
+    try:
+        pkg = types.ModuleType("fa3")
+        pkg.__path__ = [fa_dir]
+        sys.modules["fa3"] = pkg
+        return importlib.import_module("fa3.flash_attn_interface")
+    except Exception as exc:  # the anchor is optional
+        log(f"FA3 unavailable: {exc!r}")
+        return None
+
+
+def load_fla():
+    try:
+        from fla.ops.nsa import parallel_nsa
+        return parallel_nsa
+    except Exception as exc:
+        log(f"FLA unavailable: {exc!r}")
+        return None
+
+
+def copy_bandwidth():
+    x = torch.randn(1 << 29, device=DEV, dtype=DT)     # 1 GiB
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() * x.element_size() / (ms * 1e-3)
+
+
+def kernel_breakdown(fn):
+    """GPU time per kernel name (ms) for one call of fn."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    times: dict = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            times[ev.name] = times.get(ev.name, 0.0) + ev.device_time / 1e3
+    return {k: round(v, 4) for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:8]}
+
+
+# ------------------------------------------------------------------ prefill
+def prefill_flops(T, hq):
+    """NSA FLOPs (2 per MAC): compressed scan (QK twice + PV) + selected/window (QK + PV)."""
+    cmp = sum(CFG.num_compressed(t + 1) for t in range(T))          # sum over t of C(t)
+    sel = min(T, CFG.select_topk * CFG.select_block)
+    win = min(T, CFG.window)
+    return 2 * hq * D * (3 * cmp + 2 * T * (sel + win))
+
+
+def prefill(fa3, fla):
+    log("== prefill (one request of T tokens, bf16, D=128) ==")
+    rows = []
+    for hq, h in ((32, 8), (64, 4)):
+        for T in (8192, 16384, 32768, 65536):
+            b = paged_batch([T], h, gen_seed=T + hq)
+            q = torch.randn(T, hq, D, device=DEV, dtype=DT)
+            qsl = torch.tensor([0, T], dtype=torch.int32, device=DEV)
+            out3 = torch.empty(T, hq, 3, D, device=DEV, dtype=DT)
+            out1 = torch.empty(T, hq, D, device=DEV, dtype=DT)
+            args = (q, b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"],
+                    b["table"], qsl, b["seq_lens"], CFG, D ** -0.5)
+            hints = dict(max_query_len=T, max_seq_len=T)
+            row = dict(T=T, HQ=hq, H=h, nsa_flops=prefill_flops(T, hq))
+            row["nsa_branches_ms"] = bench(
+                lambda: triton_nsa.nsa_paged_attention(*args, out3, True, **hints))
+            row["nsa_merged_ms"] = bench(
+                lambda: triton_nsa.nsa_paged_attention(*args, out1, False, **hints))
+            row["compress_ms"] = bench(lambda: triton_nsa.compress_paged(
+                b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"], b["table"],
+                b["emit_req"], b["emit_index"], CFG))
+            if T == 65536:
+                row["breakdown_branches"] = kernel_breakdown(
+                    lambda: triton_nsa.nsa_paged_attention(*args, out3, True, **hints))
+            # dense baselines on contiguous K/V of the same size
+            k = torch.randn(T, h, D, device=DEV, dtype=DT)
+            v = torch.randn_like(k)
+            qs = q.transpose(0, 1).unsqueeze(0)
+            ks = k.transpose(0, 1).repeat_interleave(hq // h, 0).unsqueeze(0)
+            vs = v.transpose(0, 1).repeat_interleave(hq // h, 0).unsqueeze(0)
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                row["sdpa_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+                    qs, ks, vs, is_causal=True))
+            del ks, vs
+            if fa3 is not None:
+                cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
+                try:
+                    row["fa3_ms"] = bench(lambda: fa3.flash_attn_varlen_func(
+                        q, k, v, T, cu, T, cu_seqlens_k=cu, causal=True, fa_version=3))
+                except Exception as exc:
+                    log(f"  FA3 prefill failed: {exc!r}")
+            if fla is not None and hq // h >= 16:
+                gates = torch.rand(1, T, hq, device=DEV, dtype=DT)
+                try:
+                    row["fla_nsa_ms"] = bench(lambda: fla(
+                        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), gates, gates, None,
+                        block_counts=CFG.select_topk, block_size=CFG.select_block,
+                        window_size=0))
+                except Exception as exc:
+                    log(f"  FLA parallel_nsa failed: {exc!r}")
+            row["nsa_tflops"] = row["nsa_flops"] / (row["nsa_branches_ms"] * 1e-3) / 1e12
+            dense = row.get("fa3_ms", row["sdpa_ms"])
+            row["speedup_vs_dense"] = dense / row["nsa_branches_ms"]
+            log(f"  ({hq},{h}) T={T:6d}: NSA3 {row['nsa_branches_ms']:8.2f} ms  merged "
+                f"{row['nsa_merged_ms']:8.2f}  compress {row['compress_ms']:.2f}  "
+                f"SDPA {row['sdpa_ms']:8.2f}  FA3 {row.get('fa3_ms', float('nan')):8.2f}  "
+                f"FLA {row.get('fla_nsa_ms', float('nan')):8.2f}  "
+                f"x{row['speedup_vs_dense']:.2f} vs dense  {row['nsa_tflops']:.0f} TFLOP/s")
+            if "breakdown_branches" in row:
+                log(f"    kernels: {row['breakdown_branches']}")
+            rows.append(row)
+            del b, q, k, v, out3, out1
+            torch.cuda.empty_cache()
+            RESULTS["prefill"] = rows
+            dump()
+    return rows
+
+
+# ------------------------------------------------------------------ decode
+def decode(fa3, copy_bw):
+    log("== decode (paged, page 64, bf16, D=128, (HQ,H)=(32,8)) ==")
+    hq, h = 32, 8
+    max_b, max_s = 32, 65536
+    b = paged_batch([max_s] * max_b, h, gen_seed=5)
+    rows = []
+    for S in (8192, 32768, 65536):
+        for B in (1, 8, 32):
+            seq_lens = torch.full((B,), S, dtype=torch.int32, device=DEV)
+            table = b["table"][:B].contiguous()
+            q = torch.randn(B, hq, D, device=DEV, dtype=DT)
+            qsl = torch.arange(B + 1, dtype=torch.int32, device=DEV)
+            out = torch.empty(B, hq, 3, D, device=DEV, dtype=DT)
+
+            def nsa():
+                return triton_nsa.nsa_paged_attention(
+                    q, b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"], table,
+                    qsl, seq_lens, CFG, D ** -0.5, out, True, max_query_len=1, max_seq_len=S)
+            row = dict(B=B, S=S, HQ=hq, H=h)
+            row["nsa_eager_ms"] = bench(nsa)
+            nsa()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                nsa()
+            row["nsa_graph_ms"] = bench(graph.replay)
+            if S == 65536 and B == 8:
+                row["breakdown"] = kernel_breakdown(graph.replay)
+            counts = reference.decode_read_counts(S, CFG)
+            row["table4_tokens"] = counts["total"]
+            row["table4_bytes"] = B * h * counts["total"] * 2 * D * 2
+            # what the kernels actually read: compressed K twice (two passes), V once
+            row["kernel_bytes"] = B * h * 2 * D * (counts["compressed"] * 3 / 2
+                                                  + counts["selected"] + counts["window"]) * 2
+            row["achieved_GBps"] = row["table4_bytes"] / (row["nsa_graph_ms"] * 1e-3) / 1e9
+            row["frac_copy_bw"] = row["achieved_GBps"] * 1e9 / copy_bw
+            if fa3 is not None:
+                try:
+                    row["fa3_ms"] = bench(lambda: fa3.flash_attn_varlen_func(
+                        q, b["key_cache"], b["value_cache"], 1, qsl, S, seqused_k=seq_lens,
+                        block_table=table, causal=True, fa_version=3))
+                    row["speedup_vs_fa3"] = row["fa3_ms"] / row["nsa_graph_ms"]
+                    dense_bytes = B * h * S * 2 * D * 2
+                    row["fa3_frac_copy_bw"] = dense_bytes / (row["fa3_ms"] * 1e-3) / copy_bw
+                except Exception as exc:
+                    log(f"  FA3 decode failed: {exc!r}")
+            log(f"  B={B:2d} S={S:6d}: NSA graph {row['nsa_graph_ms'] * 1e3:8.1f} us  eager "
+                f"{row['nsa_eager_ms'] * 1e3:8.1f} us  FA3 {row.get('fa3_ms', math.nan) * 1e3:8.1f}"
+                f" us  x{row.get('speedup_vs_fa3', math.nan):.2f}  "
+                f"{row['achieved_GBps']:.0f} GB/s = {row['frac_copy_bw'] * 100:.0f}% of copy")
+            if "breakdown" in row:
+                log(f"    kernels: {row['breakdown']}")
+            rows.append(row)
+            RESULTS["decode"] = rows
+            dump()
+    return rows
+
+
+def dump():
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    name = torch.cuda.get_device_name().replace(" ", "_")
+    with open(os.path.join(out_dir, f"kernels_{name}.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+def main():
+    RESULTS["device"] = torch.cuda.get_device_name()
+    RESULTS["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    RESULTS["versions"] = dict(torch=torch.__version__, triton=triton.__version__)
+    RESULTS["config"] = dict(l=CFG.compress_block, d=CFG.compress_stride, lp=CFG.select_block,
+                             n=CFG.select_topk, w=CFG.window, D=D, page=PAGE, dtype=str(DT))
+    log(f"device {RESULTS['device']}  torch {torch.__version__}  triton {triton.__version__}")
+    t0 = time.time()
+    bw = copy_bandwidth()
+    RESULTS["copy_bandwidth_GBps"] = bw / 1e9
+    log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    parts = sys.argv[1:] or ["correctness", "prefill", "decode"]
+    if "correctness" in parts:
+        RESULTS["correct"] = correctness()
+        dump()
+        log(f"[{time.time() - t0:.0f}s]")
+    fa3 = load_fa3()
+    if "prefill" in parts:
+        prefill(fa3, load_fla())
+        log(f"[{time.time() - t0:.0f}s]")
+    if "decode" in parts:
+        decode(fa3, bw)
+        log(f"[{time.time() - t0:.0f}s]")
+    dump()
+
+
+if __name__ == "__main__":
+    main()
