@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 
 from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -188,11 +189,15 @@ def compressed_to_emit(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
 class DecodeReadStats:
     """The spec's decode read counters (raw-token equivalents per KV head per layer),
     summed over the decode requests of each step: logged at debug level, and appended as
-    JSON lines to $VLLM_NSA_STATS_FILE when set (the hook tests and evals read)."""
+    JSON lines to $VLLM_NSA_STATS_FILE when set (the hook tests and evals read). Under
+    tensor parallelism each rank reads for its own KV heads; the line names the rank and
+    how many KV heads it holds."""
 
-    def __init__(self, config: NSAConfig) -> None:
+    def __init__(self, config: NSAConfig, tp_rank: int, num_kv_heads: int) -> None:
         self.config = config
         self.path = os.environ.get(STATS_FILE_ENV)
+        self.tp_rank = tp_rank
+        self.num_kv_heads = num_kv_heads
         self.steps = 0
 
     def record(self, decode_seq_lens: torch.Tensor) -> None:
@@ -202,6 +207,8 @@ class DecodeReadStats:
                   for name, value in decode_read_counts_batch(decode_seq_lens,
                                                               self.config).items()}
         counts["decode_requests"] = int(decode_seq_lens.numel())
+        counts["tp_rank"] = self.tp_rank
+        counts["kv_heads"] = self.num_kv_heads
         self.steps += 1
         logger.debug("NSA decode step %d reads per KV head: %s", self.steps, counts)
         if self.path:
@@ -219,7 +226,8 @@ class NSAMetadataBuilder(AttentionMetadataBuilder[NSAAttentionMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.config = _config_for_process()
         self._init_reorder_batch_threshold(1)
-        self.stats = DecodeReadStats(self.config)
+        self.stats = DecodeReadStats(self.config, get_tensor_model_parallel_rank(),
+                                     kv_cache_spec.num_kv_heads)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> NSAAttentionMetadata:
