@@ -1,6 +1,5 @@
 """Engine-level: a tiny random dense Llama (float32) served by vLLM with
 attention_backend="NSA" (training-free merged mode) against CPU_ATTN and a torch forward."""
-import gc
 import random
 
 import pytest
@@ -11,11 +10,11 @@ pytest.importorskip("vllm")
 from vllm_nsa.config import NSAConfig  # noqa: E402
 from vllm_nsa.kernels.reference import nsa_attention  # noqa: E402
 from vllm_nsa.tiny import build_tiny_llama  # noqa: E402
+from engine_utils import prompt_logprobs_of, random_text, run_engine, tokens_of  # noqa: E402
 
 # Small NSA parameters so prompts of ~1.2k tokens are several times window + n * l' (288).
 SPARSE = {"compress_block": 32, "compress_stride": 16, "select_block": 64,
           "select_topk": 4, "window": 32}
-BLOCK_SIZE = 32   # CPU_ATTN needs a multiple of 32; NSA a multiple of compress_stride
 
 
 @pytest.fixture(scope="module")
@@ -23,44 +22,6 @@ def tiny_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     build_tiny_llama(str(path))
     return str(path)
-
-
-def random_text(rng, num_chars):
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
-             for _ in range(num_chars // 5)]
-    return " ".join(words)[:num_chars]
-
-
-def run_engine(model, prompts, sampling, **engine_kwargs):
-    """Start an engine, generate, shut it down (one engine at a time on this machine).
-    With prefix caching on, the prompts run a second time without prompt logprobs (which
-    bypass the prefix cache), now reading their prefixes from it."""
-    from vllm import LLM
-
-    llm = LLM(model=model, dtype="float32", max_model_len=2048, block_size=BLOCK_SIZE,
-              seed=0, enforce_eager=True, **engine_kwargs)
-    try:
-        outputs = [llm.generate(prompts, sampling, use_tqdm=False)]
-        if engine_kwargs.get("enable_prefix_caching"):  # again: now from prefix-cache hits
-            from vllm import SamplingParams
-            plain = SamplingParams(max_tokens=sampling.max_tokens, temperature=0)
-            outputs.append(llm.generate(prompts, plain, use_tqdm=False))
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-    return outputs
-
-
-def tokens_of(outputs):
-    return [list(o.outputs[0].token_ids) for o in outputs]
-
-
-def prompt_logprobs_of(output):
-    """Log-probability vLLM assigned to each actual prompt token (from position 1)."""
-    ids = output.prompt_token_ids
-    return torch.tensor([entry[ids[i]].logprob for i, entry in enumerate(output.prompt_logprobs)
-                         if entry is not None])
 
 
 def test_short_prompts_equal_dense(tiny_llama):
