@@ -22,6 +22,7 @@ from evals.tasks.nsa_longctx import CONTEXT_LENGTHS, DEPTHS, SAMPLES_PER_DEPTH
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASKS = ("passkey", "niah")
 BACKENDS = ("dense", "nsa")
+LABELS = {"dense": "dense", "nsa": "NSA"}
 METRIC = "exact_match,first_number"
 STATS_FILE_ENV = "VLLM_NSA_STATS_FILE"  # the backend's counters hook (vllm_nsa.backend)
 # NSA's CPU prefill of a multi-thousand-token chunk can outlast vLLM's default 300 s limit
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default: the largest requested context length")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild the report from the raw_*.json already in --out "
-                             "(lengths that every backend finished)")
+                             "(a length a backend did not finish shows as not run)")
     parser.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -129,23 +130,27 @@ def run_worker(args: argparse.Namespace) -> None:
              "engine_start_s": round(engine_start_s, 1), "cells": cells}, indent=1))
 
 
-def read_fraction_rows(cells: list[dict], nsa_config: dict) -> list[dict]:
-    """NSA decode reads per KV head vs dense, per length: the backend's counters where it
-    wrote them, else the spec formula at the prompts' mean length (marked as such)."""
+def read_fraction_rows(cells: list[dict], lengths: list[str], nsa_config: dict
+                       ) -> list[dict]:
+    """NSA decode reads per KV head vs dense, per length: the backend's counters where NSA
+    ran, else the spec formula at the prompts' mean length (marked as such)."""
     from vllm_nsa import NSAConfig
     from vllm_nsa.kernels.reference import decode_read_counts
 
     rows = []
-    for length in dict.fromkeys(c["length"] for c in cells if c["backend"] == "nsa"):
+    for length in lengths:
         nsa_cells = [c for c in cells if c["backend"] == "nsa" and c["length"] == length]
-        tokens = [s["num_tokens"] for c in nsa_cells for s in c["samples"]]
+        any_cells = nsa_cells or [c for c in cells if c["length"] == length]
+        tokens = [s["num_tokens"] for c in any_cells for s in c["samples"]]
         mean_tokens = round(sum(tokens) / len(tokens))
-        stats = nsa_cells[0]["decode_stats"]
+        stats = nsa_cells[0]["decode_stats"] if nsa_cells else None
         if stats and stats["dense"]:
             source, reads, dense = "backend counters", stats["total"], stats["dense"]
         else:
             counts = decode_read_counts(mean_tokens, NSAConfig.from_dict(nsa_config))
             source, reads, dense = "spec formula", counts["total"], counts["dense"]
+            if not nsa_cells:
+                source += " (NSA not run at this length)"
         rows.append({"length": length, "mean_prompt_tokens": mean_tokens,
                      "read_fraction": reads / dense, "source": source, "stats": stats})
     return rows
@@ -155,7 +160,8 @@ def write_report(args: argparse.Namespace, parts: list[dict], run_seconds: float
     out = Path(args.out)
     cells = [cell for part in parts for cell in part["cells"] if cell["length"] in args.lengths]
     nsa_config = json.loads(args.nsa_config)
-    reads = read_fraction_rows(cells, nsa_config) if "nsa" in args.backends else []
+    reads = (read_fraction_rows(cells, args.lengths, nsa_config)
+             if "nsa" in args.backends else [])
     accuracy = {(c["backend"], c["task"], c["length"]): c for c in cells}
     summary = {"model": args.model, "depths": args.depths,
                "samples_per_depth": args.samples_per_depth, "limit": args.limit,
@@ -171,28 +177,40 @@ def write_report(args: argparse.Namespace, parts: list[dict], run_seconds: float
              f"{', '.join(f'{d:.0%}' for d in _depths(cells))}), greedy, exact "
              f"match on the first number. NSA parameters: "
              f"{nsa_config or 'paper defaults'}. Whole run: {run_seconds / 60:.1f} min.", "",
-             "| task | context | " + " | ".join(args.backends)
+             "| task | context | " + " | ".join(LABELS[b] for b in args.backends)
              + (" | NSA − dense (points) |" if len(args.backends) == 2 else " |"),
              "|---|---|" + "---|" * len(args.backends)
              + ("---|" if len(args.backends) == 2 else "")]
     for task in args.tasks:
         for length in args.lengths:
-            row = [accuracy[(b, task, length)]["accuracy"] for b in args.backends]
-            delta = (f" {100 * (row[1] - row[0]):+.0f} |" if len(row) == 2 else "")
-            lines.append(f"| {task} | {length} | "
-                         + " | ".join(f"{100 * a:.0f}%" for a in row) + " |" + delta)
+            row = [accuracy.get((b, task, length), {}).get("accuracy")
+                   for b in args.backends]
+            delta = ""
+            if len(row) == 2:
+                delta = (f" {100 * (row[1] - row[0]):+.0f} |" if None not in row
+                         else " — |")
+            lines.append(f"| {task} | {length} | " + " | ".join(
+                "not run" if a is None else f"{100 * a:.0f}%" for a in row) + " |" + delta)
     if reads:
         lines += ["", "NSA decode reads per KV head as a fraction of dense:", "",
                   "| context | mean prompt tokens | read fraction | source |",
                   "|---|---|---|---|"]
         lines += [f"| {r['length']} | {r['mean_prompt_tokens']} | {r['read_fraction']:.2f} "
                   f"| {r['source']} |" for r in reads]
-    misses = [(c["task"], c["length"], s["depth"], s["answer"], s["response"])
-              for c in cells if c["backend"] == "nsa" for s in c["samples"]
-              if not s["correct"]]
+    lines += ["", "Wall time per context length, both tasks (seconds; 2 shared CPU cores):", "",
+              "| context | " + " | ".join(LABELS[b] for b in args.backends) + " |",
+              "|---|" + "---|" * len(args.backends)]
+    for length in args.lengths:
+        times = [accuracy.get((b, args.tasks[0], length), {}).get("seconds_for_length")
+                 for b in args.backends]
+        lines.append(f"| {length} | " + " | ".join(
+            "not run" if t is None else f"{t:.0f}" for t in times) + " |")
+    misses = [(c["backend"], c["task"], c["length"], s["depth"], s["answer"], s["response"])
+              for c in cells for s in c["samples"] if not s["correct"]]
     if misses:
-        lines += ["", "NSA misses (task, context, depth, answer, response):", ""]
-        lines += [f"- {t} {l} depth {d}: {a} vs `{r}`" for t, l, d, a, r in misses]
+        lines += ["", "Misses (backend, task, context, needle depth: answer vs response):", ""]
+        lines += [f"- {LABELS[b]} {t} {l} depth {d:.0%}: {a} vs `{r}`"
+                  for b, t, l, d, a, r in misses]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(out / "results.png", args, accuracy, reads)
 
@@ -207,24 +225,39 @@ def plot(path: Path, args: argparse.Namespace, accuracy: dict, reads: list[dict]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullLocator
+
     xs = [CONTEXT_LENGTHS[n] for n in args.lengths]
     fig, (acc_ax, read_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for task in args.tasks:
         for backend, style in zip(args.backends, ("-o", "--s")):
-            ys = [100 * accuracy[(backend, task, n)]["accuracy"] for n in args.lengths]
-            acc_ax.plot(xs, ys, style, label=f"{task}, {backend}")
-    acc_ax.set(xscale="log", xlabel="context length (tokens)", ylabel="exact match (%)",
+            done = [n for n in args.lengths if (backend, task, n) in accuracy]
+            acc_ax.plot([CONTEXT_LENGTHS[n] for n in done],
+                        [100 * accuracy[(backend, task, n)]["accuracy"] for n in done],
+                        style, label=f"{task}, {LABELS[backend]}", markersize=8 - 2 * (
+                            backend == "nsa"))
+    acc_ax.set(xlabel="context length (tokens)", ylabel="exact match (%)",
                title="accuracy vs context length", ylim=(-5, 105))
-    acc_ax.set_xticks(xs, args.lengths)
     acc_ax.legend()
+    measured = [r for r in reads if r["source"] == "backend counters"]
+    formula = [r for r in reads if r["source"] != "backend counters"]
+    for rows, marker, label in ((measured, "o", "backend counters"),
+                                (formula, "o", "spec formula (not measured)")):
+        if rows:
+            read_ax.plot([CONTEXT_LENGTHS[r["length"]] for r in rows],
+                         [r["read_fraction"] for r in rows], marker, color="tab:red",
+                         fillstyle="full" if rows is measured else "none", label=label)
     if reads:
         read_ax.plot([CONTEXT_LENGTHS[r["length"]] for r in reads],
-                     [r["read_fraction"] for r in reads], "-o", color="tab:red")
+                     [r["read_fraction"] for r in reads], "-", color="tab:red", alpha=0.5)
         read_ax.axhline(1.0, color="grey", linewidth=0.8, label="dense")
-        read_ax.set_xticks(xs, args.lengths)
-    read_ax.set(xscale="log", xlabel="context length (tokens)",
-                ylabel="KV reads per decode step / dense", title="NSA decode read fraction")
-    read_ax.set_xticks(xs, args.lengths)
+        read_ax.legend()
+    read_ax.set(xlabel="context length (tokens)", ylabel="KV reads per decode step / dense",
+                title="NSA decode read fraction (per KV head)")
+    for ax in (acc_ax, read_ax):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(xs, args.lengths)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -243,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             subprocess.run(command, check=True, cwd=Path(__file__).resolve().parents[1])
     parts = [json.loads((out / f"raw_{backend}.json").read_text())
              for backend in args.backends]
-    finished = set.intersection(*({c["length"] for c in part["cells"]} for part in parts))
+    finished = set.union(*({c["length"] for c in part["cells"]} for part in parts))
     args.lengths = [length for length in args.lengths if length in finished]
     run_seconds = sum(c["seconds_for_length"] for part in parts for c in part["cells"]
                       if c["task"] == args.tasks[0]) + sum(
