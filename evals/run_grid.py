@@ -229,13 +229,16 @@ def plot(path: Path, args: argparse.Namespace, accuracy: dict, reads: list[dict]
 
     xs = [CONTEXT_LENGTHS[n] for n in args.lengths]
     fig, (acc_ax, read_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for task in args.tasks:
-        for backend, style in zip(args.backends, ("-o", "--s")):
-            done = [n for n in args.lengths if (backend, task, n) in accuracy]
-            acc_ax.plot([CONTEXT_LENGTHS[n] for n in done],
+    series = [(task, backend, style) for task in args.tasks
+              for backend, style in zip(args.backends, ("-o", "--s"))]
+    for index, (task, backend, style) in enumerate(series):
+        # A small horizontal shift per series keeps equal accuracies from hiding each other.
+        shift = 1 + 0.025 * (index - (len(series) - 1) / 2)
+        done = [n for n in args.lengths if (backend, task, n) in accuracy]
+        if done:
+            acc_ax.plot([CONTEXT_LENGTHS[n] * shift for n in done],
                         [100 * accuracy[(backend, task, n)]["accuracy"] for n in done],
-                        style, label=f"{task}, {LABELS[backend]}", markersize=8 - 2 * (
-                            backend == "nsa"))
+                        style, label=f"{task}, {LABELS[backend]}")
     acc_ax.set(xlabel="context length (tokens)", ylabel="exact match (%)",
                title="accuracy vs context length", ylim=(-5, 105))
     acc_ax.legend()
