@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import ClassVar
@@ -186,6 +187,22 @@ def compressed_to_emit(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
     return emit_req.to(torch.int32), emit_index.to(torch.int32)
 
 
+def decode_emission(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, config: NSAConfig,
+                    emit_req: torch.Tensor, emit_index: torch.Tensor) -> None:
+    """`compressed_to_emit` for a batch of single-token decodes, on the device, into one row
+    per request (emit_req/emit_index of length R, written in place): a decode step that
+    ends at seq_len completes at most one entry, (seq_len - l) // d, exactly when
+    seq_len >= l and (seq_len - l) % d == 0. Rows that emit nothing (and padded requests,
+    query length 0) are -1. Fixed shapes and no host reads, so the buffers can be the
+    static inputs of a captured decode graph."""
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]
+    since = seq_lens.long() - config.compress_block
+    emits = (query_lens == 1) & (since >= 0) & (since % config.compress_stride == 0)
+    rows = torch.arange(emit_req.shape[0], device=emit_req.device)
+    emit_req.copy_(torch.where(emits, rows, -1))
+    emit_index.copy_(torch.where(emits, since // config.compress_stride, -1))
+
+
 class DecodeReadStats:
     """The spec's decode read counters (raw-token equivalents per KV head per layer),
     summed over the decode requests of each step: logged at debug level, and appended as
@@ -199,6 +216,11 @@ class DecodeReadStats:
         self.tp_rank = tp_rank
         self.num_kv_heads = num_kv_heads
         self.steps = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Counting costs host time every step: only when someone reads the result."""
+        return bool(self.path) or logger.isEnabledFor(logging.DEBUG)
 
     def record(self, decode_seq_lens: torch.Tensor) -> None:
         if decode_seq_lens.numel() == 0:
@@ -217,9 +239,13 @@ class DecodeReadStats:
 
 
 class NSAMetadataBuilder(AttentionMetadataBuilder[NSAAttentionMetadata]):
-    # Emission lists are built on the host from exact sequence lengths; decode CUDA graphs
-    # need them built on device into static buffers (not yet), so no capture.
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Pure single-token decode batches are captured and replayed as full CUDA graphs: their
+    # emission lists are computed on the device into static buffers (`decode_emission`)
+    # and every kernel launch is sized from host-known numbers. Batches with a prefill
+    # emit a data-dependent number of entries, so they run eagerly between the piecewise
+    # graphs, as vLLM does for the attention of every backend.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = \
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device) -> None:
@@ -228,32 +254,55 @@ class NSAMetadataBuilder(AttentionMetadataBuilder[NSAAttentionMetadata]):
         self._init_reorder_batch_threshold(1)
         self.stats = DecodeReadStats(self.config, get_tensor_model_parallel_rank(),
                                      kv_cache_spec.num_kv_heads)
+        # One emission row per request of a decode batch (graph-padded batches included).
+        max_reqs = vllm_config.scheduler_config.max_num_seqs
+        self.decode_emit_req = torch.full((max_reqs,), -1, dtype=torch.int32, device=device)
+        self.decode_emit_index = torch.full_like(self.decode_emit_req, -1)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> NSAAttentionMetadata:
         md = common_attn_metadata
         num_reqs = md.num_reqs
+        query_start_loc = md.query_start_loc[:num_reqs + 1]
+        seq_lens = md.seq_lens[:num_reqs]
         query_start_loc_cpu = md.query_start_loc_cpu[:num_reqs + 1]
-        seq_lens_cpu = (md.seq_lens_cpu_upper_bound if md.seq_lens_cpu_upper_bound is not None
-                        else md.seq_lens.cpu())[:num_reqs]
-        emit_req, emit_index = compressed_to_emit(query_start_loc_cpu, seq_lens_cpu,
-                                                  self.config)
         query_lens = query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]
         num_decodes = int((query_lens == 1).long().cumprod(0).sum())
-        self.stats.record(seq_lens_cpu[:num_decodes])
+        if md.max_query_len == 1:
+            emit_req = self.decode_emit_req[:num_reqs]
+            emit_index = self.decode_emit_index[:num_reqs]
+            decode_emission(query_start_loc, seq_lens, self.config, emit_req, emit_index)
+            seq_lens_cpu = None
+        else:
+            seq_lens_cpu = self._seq_lens_cpu(md)
+            emit_req, emit_index = compressed_to_emit(query_start_loc_cpu, seq_lens_cpu,
+                                                      self.config)
+            emit_req = emit_req.to(self.device, non_blocking=True)
+            emit_index = emit_index.to(self.device, non_blocking=True)
+        if self.stats.enabled:
+            if seq_lens_cpu is None:
+                seq_lens_cpu = self._seq_lens_cpu(md)
+            self.stats.record(seq_lens_cpu[:num_decodes])
         return NSAAttentionMetadata(
             num_actual_tokens=md.num_actual_tokens,
             max_query_len=md.max_query_len,
             max_seq_len=md.max_seq_len,
-            query_start_loc=md.query_start_loc[:num_reqs + 1],
-            seq_lens=md.seq_lens[:num_reqs],
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
             block_table=md.block_table_tensor[:num_reqs],
             slot_mapping=md.slot_mapping,
-            emit_req=emit_req.to(self.device, non_blocking=True),
-            emit_index=emit_index.to(self.device, non_blocking=True),
+            emit_req=emit_req,
+            emit_index=emit_index,
             num_decodes=num_decodes,
             num_decode_tokens=num_decodes,
         )
+
+    @staticmethod
+    def _seq_lens_cpu(md: CommonAttentionMetadata) -> torch.Tensor:
+        """Host sequence lengths: vLLM's host copy when it has one (no device sync)."""
+        seq_lens = (md.seq_lens_cpu_upper_bound if md.seq_lens_cpu_upper_bound is not None
+                    else md.seq_lens.cpu())
+        return seq_lens[:md.num_reqs]
 
 
 # ------------------------------------------------------------------ backend
@@ -360,6 +409,15 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
                            slot_mapping: torch.Tensor) -> None:
         key_cache, value_cache, _, _ = split_kv_cache(kv_cache, self.head_size,
                                                       self.config.compress_stride)
+        if key.device.type == "cuda":
+            # vLLM's store kernel takes strided pages and skips slot -1 (padding) on the
+            # device: graph-safe, unlike the masked indexing below.
+            from vllm.v1.attention.ops.triton_reshape_and_cache_flash import (
+                triton_reshape_and_cache_flash)
+            triton_reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
+                                           self.kv_cache_dtype, layer._k_scale,
+                                           layer._v_scale)
+            return
         num_tokens = slot_mapping.shape[0]
         valid = slot_mapping[:num_tokens] >= 0      # -1: padding tokens
         slots = slot_mapping[valid].long()
@@ -388,7 +446,11 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
             out = output.view(-1, self.num_heads, 3, output.shape[-1])[:num_tokens]
         else:
             out = output[:num_tokens]
+        # Size hints for the Triton launch grids; under capture vLLM passes bounds valid
+        # for every replay (max_seq_len = max_model_len).
+        hints = (dict(max_query_len=md.max_query_len, max_seq_len=md.max_seq_len)
+                 if query.device.type == "cuda" else {})
         ops.nsa_paged_attention(query[:num_tokens], *caches, md.block_table,
                                 md.query_start_loc, md.seq_lens, self.config, self.scale,
-                                out, self.gated)
+                                out, self.gated, **hints)
         return output
