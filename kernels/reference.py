@@ -48,6 +48,16 @@ def _masked_softmax_attention(scores: torch.Tensor, mask: torch.Tensor, values: 
     return torch.einsum(equation, probs, values), lse
 
 
+def _over_query_chunks(num_q: int, num_heads: int, chunk: int, attend
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run attend(rows) -> (out [q, H, G, Dv], lse [q, H, G]) over row chunks of at most
+    `chunk` queries (bounded memory at long T) and join them as [Q, HQ, Dv], [Q, HQ]."""
+    outs, lses = zip(*(attend(slice(start, start + chunk))
+                       for start in range(0, num_q, chunk)))
+    return (torch.cat(outs).reshape(num_q, num_heads, -1),
+            torch.cat(lses).reshape(num_q, num_heads))
+
+
 # ---------------------------------------------------------------- branch 1: compression
 def compress_kv(k: torch.Tensor, v: torch.Tensor, config: NSAConfig
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,18 +169,15 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     heads = torch.arange(num_kv_heads, device=q.device).view(1, -1, 1)
     qg = _group_view(q.to(work), num_kv_heads)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, num_kv_heads * positions.shape[-1] * k.shape[-1]))
-    outs, lses = [], []
-    for start in range(0, num_q, chunk):
-        rows = slice(start, start + chunk)
+
+    def attend(rows):
         keys = k[positions[rows], heads].to(work)                   # [q, H, S, D]
         vals = v[positions[rows], heads].to(work)
         scores = torch.einsum("qhgd,qhsd->qhgs", qg[rows], keys) * scale
-        out, lse = _masked_softmax_attention(scores, valid[rows].unsqueeze(2), vals,
-                                             "qhgs,qhse->qhge")
-        outs.append(out)
-        lses.append(lse)
-    return (torch.cat(outs).reshape(num_q, num_heads, -1),
-            torch.cat(lses).reshape(num_q, num_heads))
+        return _masked_softmax_attention(scores, valid[rows].unsqueeze(2), vals,
+                                         "qhgs,qhse->qhge")
+
+    return _over_query_chunks(num_q, num_heads, chunk, attend)
 
 
 # ---------------------------------------------------------------- branch 3: sliding window
@@ -189,25 +196,21 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qg = _group_view(q.to(work), num_kv_heads)
     window = config.window
     chunk = max(1, min(num_q, _CHUNK_ELEMENTS // max(1, num_heads * (window + num_q))))
-    outs, lses = [], []
-    for start in range(0, num_q, chunk):
-        rows = slice(start, start + chunk)
+
+    def attend(rows):
         pos = q_positions[rows]
-        first = max(0, int(pos[0]) - window + 1)
-        keys_pos = torch.arange(first, int(pos[-1]) + 1, device=q.device)
+        first, last = max(0, int(pos[0]) - window + 1), int(pos[-1])
+        keys_pos = torch.arange(first, last + 1, device=q.device)
         mask = ((keys_pos.view(1, -1) <= pos.view(-1, 1))
                 & (keys_pos.view(1, -1) > pos.view(-1, 1) - window))[:, None, None, :]
         if exclude_blocks is not None:
             excluded = exclude_blocks[rows][:, :, keys_pos // config.select_block]
             mask = mask & ~excluded.unsqueeze(2)
-        scores = torch.einsum("qhgd,khd->qhgk", qg[rows], k[first:int(pos[-1]) + 1].to(work))
-        out, lse = _masked_softmax_attention(scores * scale, mask,
-                                             v[first:int(pos[-1]) + 1].to(work),
-                                             "qhgk,khe->qhge")
-        outs.append(out)
-        lses.append(lse)
-    return (torch.cat(outs).reshape(num_q, num_heads, -1),
-            torch.cat(lses).reshape(num_q, num_heads))
+        scores = torch.einsum("qhgd,khd->qhgk", qg[rows], k[first:last + 1].to(work)) * scale
+        return _masked_softmax_attention(scores, mask, v[first:last + 1].to(work),
+                                         "qhgk,khe->qhge")
+
+    return _over_query_chunks(num_q, num_heads, chunk, attend)
 
 
 # ---------------------------------------------------------------- combination

@@ -34,6 +34,16 @@ def oracle_nsa(q, k, v, cfg, gates=None, scale=None, block_indices=None):
 
 
 def _run(q, k, v, cfg, gates, scale, forced_indices):
+    # Thousands of tiny ops: one thread, or OpenMP start-up costs dominate on a busy box.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _brute_force(q, k, v, cfg, gates, scale, forced_indices)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _brute_force(q, k, v, cfg, gates, scale, forced_indices):
     q, k, v = q.double(), k.double(), v.double()
     Q, HQ, D = q.shape
     T, H, Dv = v.shape
@@ -52,6 +62,10 @@ def _run(q, k, v, cfg, gates, scale, forced_indices):
     for row in range(Q):
         t = T - Q + row
         visible = [i for i in range(num_cmp) if i * d + l - 1 <= t]
+        # omega(i, j) = |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d for the visible i
+        omega = [[(j, (min(i * d + l, (j + 1) * lp) - max(i * d, j * lp)) / d)
+                  for j in range(NB) if min(i * d + l, (j + 1) * lp) > max(i * d, j * lp)]
+                 for i in visible]
         o_cmp = torch.zeros(HQ, Dv, dtype=torch.float64)
         p_slc = torch.zeros(HQ, NB, dtype=torch.float64)
         for h in range(HQ):
@@ -59,11 +73,11 @@ def _run(q, k, v, cfg, gates, scale, forced_indices):
             keys = torch.stack([k_cmp[i][kv] for i in visible]) if visible else torch.zeros(0, D, dtype=torch.float64)
             vals = torch.stack([v_cmp[i][kv] for i in visible]) if visible else torch.zeros(0, Dv, dtype=torch.float64)
             o_cmp[h], probs = _softmax_attend(q[row, h], keys, vals, s)
-            for pos, i in enumerate(visible):
-                for j in range(NB):
-                    overlap = min(i * d + l, (j + 1) * lp) - max(i * d, j * lp)
-                    if overlap > 0:
-                        p_slc[h, j] += overlap / d * probs[pos]
+            importance = [0.0] * NB
+            for prob, weights in zip(probs.tolist(), omega):
+                for j, weight in weights:
+                    importance[j] += weight * prob
+            p_slc[h] = torch.tensor(importance, dtype=torch.float64)
         current = t // lp
         for g in range(H):
             P = p_slc[g * G:(g + 1) * G].sum(dim=0)
