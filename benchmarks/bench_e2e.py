@@ -38,6 +38,7 @@ import glob
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -314,11 +315,15 @@ def main() -> int:
                 cmd.append("--profile")
             print(f"=== {tag}", flush=True)
             with open(os.path.join(args.out, f"e2e_{tag}.log"), "w") as log:
+                # Own process group: on a timeout the engine-core child dies too, or it
+                # would keep its GPU memory and every later engine would fail to start.
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
                 try:
-                    proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          timeout=args.timeout)
-                    rc = proc.returncode
+                    rc = proc.wait(timeout=args.timeout)
                 except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
                     rc = "timeout"
             if rc != 0:
                 failures.append(f"{tag}: {rc} (see e2e_{tag}.log)")
