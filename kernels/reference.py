@@ -17,6 +17,8 @@ from vllm_nsa.config import NSAConfig
 
 # Per-chunk budget of gathered/score elements; bounds memory at long T without per-token loops.
 _CHUNK_ELEMENTS = 1 << 24
+# Consecutive queries per selection chunk: they share most selected blocks.
+_SELECT_CHUNK_QUERIES = 64
 _NEG_INF = float("-inf")
 
 
@@ -155,29 +157,31 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         block_indices: torch.Tensor, q_positions: torch.Tensor,
                         config: NSAConfig, scale: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """o_slc [Q, HQ, Dv] and LSE [Q, HQ]: exact attention over the selected blocks' positions <= t."""
+    """o_slc [Q, HQ, Dv] and LSE [Q, HQ]: exact attention over the selected blocks' positions <= t.
+
+    Neighbouring queries select mostly the same blocks, so each chunk of consecutive
+    queries reads the union of its selected blocks once (one GEMM) and masks per query,
+    rather than gathering n*l' keys for every query.
+    """
     work = _work_dtype(q)
     num_q, num_heads, _ = q.shape
-    num_tokens, num_kv_heads, _ = k.shape
+    num_tokens = k.shape[0]
     block = config.select_block
-    # Gather each row's selected positions: [Q, H, n*l'].
+    selected = _blocks_to_mask(block_indices, config.num_select_blocks(num_tokens))
+    qg = _group_view(q.to(work), k.shape[1])
     offsets = torch.arange(block, device=q.device)
-    positions = (block_indices.unsqueeze(-1) * block + offsets).flatten(-2)
-    valid = ((block_indices >= 0).unsqueeze(-1).expand(-1, -1, -1, block).flatten(-2)
-             & (positions <= q_positions.view(-1, 1, 1)))
-    positions = torch.where(valid, positions, torch.zeros_like(positions))
-    heads = torch.arange(num_kv_heads, device=q.device).view(1, -1, 1)
-    qg = _group_view(q.to(work), num_kv_heads)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, num_kv_heads * positions.shape[-1] * k.shape[-1]))
 
     def attend(rows):
-        keys = k[positions[rows], heads].to(work)                   # [q, H, S, D]
-        vals = v[positions[rows], heads].to(work)
-        scores = torch.einsum("qhgd,qhsd->qhgs", qg[rows], keys) * scale
-        return _masked_softmax_attention(scores, valid[rows].unsqueeze(2), vals,
-                                         "qhgs,qhse->qhge")
+        union = selected[rows].flatten(0, 1).any(dim=0).nonzero().squeeze(1)
+        positions = (union.unsqueeze(1) * block + offsets).flatten()
+        positions = positions[positions < num_tokens]
+        mask = (selected[rows][:, :, positions // block]
+                & (positions.view(1, 1, -1) <= q_positions[rows].view(-1, 1, 1)))
+        scores = torch.einsum("qhgd,phd->qhgp", qg[rows], k[positions].to(work)) * scale
+        return _masked_softmax_attention(scores, mask.unsqueeze(2), v[positions].to(work),
+                                         "qhgp,phe->qhge")
 
-    return _over_query_chunks(num_q, num_heads, chunk, attend)
+    return _over_query_chunks(num_q, num_heads, _SELECT_CHUNK_QUERIES, attend)
 
 
 # ---------------------------------------------------------------- branch 3: sliding window
