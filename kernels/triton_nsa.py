@@ -574,8 +574,11 @@ def nsa_paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         busy = min(num_q_tiles, num_reqs if decode_only else -(-num_tokens // block_t))
         busy = max(1, busy) * num_kv_heads
         num_splits = max(1, min(max_scan_tiles, -(-4 * _num_sms(device) // busy)))
+        # NUM_SPLITS is a compile-time constant: powers of two only, so that serving new
+        # batch shapes and context lengths reuses a handful of compiled kernels instead of
+        # compiling one per value mid-serve (splits left without tiles cost nothing).
+        num_splits = _pow2(num_splits)
     tiles_per_split = -(-max_scan_tiles // num_splits)
-    num_splits = -(-max_scan_tiles // tiles_per_split)
 
     f32 = dict(dtype=torch.float32, device=device)
     lse = torch.empty((num_tokens, num_heads), **f32)
