@@ -327,21 +327,34 @@ def decode(fa3, copy_bw):
             q = torch.randn(B, hq, D, device=DEV, dtype=DT)
             qsl = torch.arange(B + 1, dtype=torch.int32, device=DEV)
             out = torch.empty(B, hq, 3, D, device=DEV, dtype=DT)
+            out_merged = torch.empty(B, hq, D, device=DEV, dtype=DT)
 
-            def nsa():
+            def nsa(branches=True, **splits):
                 return triton_nsa.nsa_paged_attention(
                     q, b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"], table,
-                    qsl, seq_lens, CFG, D ** -0.5, out, True, max_query_len=1, max_seq_len=S)
+                    qsl, seq_lens, CFG, D ** -0.5, out if branches else out_merged, branches,
+                    max_query_len=1, max_seq_len=S, **splits)
+
+            def graph_of(fn):
+                fn()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fn()
+                return graph
             row = dict(B=B, S=S, HQ=hq, H=h)
             row["nsa_eager_ms"] = bench(nsa)
-            nsa()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                nsa()
+            graph = graph_of(nsa)
             row["nsa_graph_ms"] = bench(graph.replay)
+            # merged mode: what a dense Llama served with the NSA backend runs
+            row["nsa_merged_graph_ms"] = bench(graph_of(lambda: nsa(False)).replay)
             if S == 65536 and B == 8:
                 row["breakdown"] = kernel_breakdown(graph.replay)
+                row["breakdown_merged"] = kernel_breakdown(graph_of(lambda: nsa(False)).replay)
+                # the split count's effect (default: _fill_splits)
+                row["merged_graph_ms_by_splits"] = {
+                    n: bench(graph_of(lambda: nsa(False, num_splits=n)).replay)
+                    for n in (1, 2, 4, 8, 16, 32)}
             counts = reference.decode_read_counts(S, CFG)
             row["table4_tokens"] = counts["total"]
             row["table4_bytes"] = B * h * counts["total"] * 2 * D * 2
@@ -360,12 +373,15 @@ def decode(fa3, copy_bw):
                     row["fa3_frac_copy_bw"] = dense_bytes / (row["fa3_ms"] * 1e-3) / copy_bw
                 except Exception as exc:
                     log(f"  FA3 decode failed: {exc!r}")
-            log(f"  B={B:2d} S={S:6d}: NSA graph {row['nsa_graph_ms'] * 1e3:8.1f} us  eager "
+            log(f"  B={B:2d} S={S:6d}: NSA graph {row['nsa_graph_ms'] * 1e3:8.1f} us  merged "
+                f"{row['nsa_merged_graph_ms'] * 1e3:8.1f} us  eager "
                 f"{row['nsa_eager_ms'] * 1e3:8.1f} us  FA3 {row.get('fa3_ms', math.nan) * 1e3:8.1f}"
                 f" us  x{row.get('speedup_vs_fa3', math.nan):.2f}  "
                 f"{row['achieved_GBps']:.0f} GB/s = {row['frac_copy_bw'] * 100:.0f}% of copy")
             if "breakdown" in row:
                 log(f"    kernels: {row['breakdown']}")
+                log(f"    merged: {row['breakdown_merged']}")
+                log(f"    merged by num_splits (ms): {row['merged_graph_ms_by_splits']}")
             rows.append(row)
             RESULTS["decode"] = rows
             dump()

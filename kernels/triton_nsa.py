@@ -11,10 +11,15 @@ Kernels (one launch each):
   group (GQA-consistent), and keeps a running top-n per token (forced blocks first, ties to the
   lower index) as packed int64 keys merged with a bitonic sort.
 - `_merge_topk_kernel`: merges per-split top-n candidates when the scan was split.
-- `_sparse_attention_kernel`: one program per (token, KV head) with all G query heads:
-  selected blocks through the block table, then the sliding window, online softmax. Merged
-  mode skips window tiles whose selection block was already attended (no double counting);
-  branches mode keeps a separate window accumulator.
+- `_select_topk_kernel` (decode): pass 2 writes every block's score instead of sorting per
+  tile; this picks each row's top-n by bisecting the n-th score.
+- `_sparse_attention_kernel`: per (token, KV head) with all G query heads: selected blocks
+  through the block table, then the sliding window, online softmax. Merged mode skips window
+  tiles whose selection block was already attended (no double counting); branches mode keeps
+  a separate window accumulator. With few tokens (decode) the tile list is split across
+  programs and `_combine_splits_kernel` merges their partials.
+Decode batches (max_query_len 1) index requests by program id, and token -> request lookups
+are binary searches inside the kernels: no per-layer torch ops besides the launches.
 
 Everything is launched with host-known sizes only (tensor shapes, config, optional hints):
 no host syncs and no data-dependent allocation, so decode can be captured in a CUDA graph.
@@ -70,11 +75,22 @@ def _compress_kernel(key_ptr, value_ptr, cmp_key_ptr, cmp_value_ptr, table_ptr,
 
 
 @triton.jit
-def _tile_rows(tile_req_ptr, tile_qoff_ptr, qsl_ptr, seq_lens_ptr, tile,
+def _tile_request(tile_req_ptr, tile_qoff_ptr, tile, DECODE: tl.constexpr):
+    """(request, first query offset) of a query tile; -1 for an unused tile. Decode batches
+    (one query token per request) need no tile table: tile r is request r."""
+    if DECODE:
+        req = tile
+        q_off = tile * 0
+    else:
+        req = tl.load(tile_req_ptr + tile)
+        q_off = tl.load(tile_qoff_ptr + tile)
+    return req, q_off
+
+
+@triton.jit
+def _tile_rows(qsl_ptr, seq_lens_ptr, req, q_off,
                G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr):
     """A query tile: BLOCK_T consecutive tokens of one request x GP (padded) heads per row."""
-    req = tl.load(tile_req_ptr + tile)
-    q_off = tl.load(tile_qoff_ptr + tile)
     q_begin = tl.load(qsl_ptr + req)
     q_len = tl.load(qsl_ptr + req + 1) - q_begin
     context = tl.load(seq_lens_ptr + req) - q_len
@@ -85,7 +101,22 @@ def _tile_rows(tile_req_ptr, tile_qoff_ptr, qsl_ptr, seq_lens_ptr, tile,
     token = q_begin + tok_in_req
     position = context + tok_in_req
     last_position = context + tl.minimum(q_off + BLOCK_T, q_len) - 1
-    return req, q_off, q_len, context, token, group_head, position, row_valid, last_position
+    return q_len, context, token, group_head, position, row_valid, last_position
+
+
+@triton.jit
+def _request_of(qsl_ptr, num_reqs, token):
+    """The request a query token belongs to (binary search of query_start_loc), -1 for a
+    padding token past the last request. Empty requests are never returned."""
+    lo = token * 0
+    hi = lo + num_reqs
+    while hi - lo > 1:   # invariant: qsl[lo] <= token < qsl[hi]
+        mid = (lo + hi) // 2
+        if tl.load(qsl_ptr + mid) <= token:
+            lo = mid
+        else:
+            hi = mid
+    return tl.where(token < tl.load(qsl_ptr + num_reqs), lo, -1)
 
 
 @triton.jit
@@ -117,14 +148,15 @@ def _compressed_scan_kernel(
         G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
         DV: tl.constexpr, PAGE_SIZE: tl.constexpr, STRIDE: tl.constexpr,
         CBLOCK: tl.constexpr, BC: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        WRITE_CMP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        DECODE: tl.constexpr, WRITE_CMP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if tl.load(tile_req_ptr + tile) < 0:
+    req, q_off = _tile_request(tile_req_ptr, tile_qoff_ptr, tile, DECODE)
+    if req < 0:
         return
-    req, q_off, q_len, context, token, group_head, position, row_valid, last_position = \
-        _tile_rows(tile_req_ptr, tile_qoff_ptr, qsl_ptr, seq_lens_ptr, tile, G, GP, BLOCK_T)
+    q_len, context, token, group_head, position, row_valid, last_position = \
+        _tile_rows(qsl_ptr, seq_lens_ptr, req, q_off, G, GP, BLOCK_T)
     head = kv_head * G + group_head
     d = tl.arange(0, D)
     q = tl.load(q_ptr + token.to(tl.int64)[:, None] * q_tok + head[:, None] * q_head
@@ -209,20 +241,22 @@ def _keys_to_indices(keys, rank, TOPK: tl.constexpr):
 def _block_select_kernel(
         q_ptr, cmp_key_ptr, table_ptr, tile_req_ptr, tile_qoff_ptr, qsl_ptr, seq_lens_ptr,
         out_ptr, lse_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, indices_ptr, part_keys_ptr,
-        q_tok, q_head, ck_page, ck_slot, ck_head, table_row, out_tok, out_head,
+        scores_ptr, q_tok, q_head, ck_page, ck_slot, ck_head, table_row, out_tok, out_head,
         num_heads, num_kv_heads, tiles_per_split, qk_scale,
         G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
         DV: tl.constexpr, PAGE_SIZE: tl.constexpr, STRIDE: tl.constexpr,
         CBLOCK: tl.constexpr, SBLOCK: tl.constexpr, BC: tl.constexpr, BB: tl.constexpr,
         TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, WRITE_CMP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        NUM_BLOCKS_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
+        WRITE_CMP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if tl.load(tile_req_ptr + tile) < 0:
+    req, q_off = _tile_request(tile_req_ptr, tile_qoff_ptr, tile, DECODE)
+    if req < 0:
         return
-    req, q_off, q_len, context, token, group_head, position, row_valid, last_position = \
-        _tile_rows(tile_req_ptr, tile_qoff_ptr, qsl_ptr, seq_lens_ptr, tile, G, GP, BLOCK_T)
+    q_len, context, token, group_head, position, row_valid, last_position = \
+        _tile_rows(qsl_ptr, seq_lens_ptr, req, q_off, G, GP, BLOCK_T)
     head = kv_head * G + group_head
     token64 = token.to(tl.int64)
     d = tl.arange(0, D)
@@ -271,6 +305,7 @@ def _block_select_kernel(
     # The tile before a split's range only feeds the spill into the split's first block.
     first_tile = tl.where(tile_lo > 0, tile_lo - 1, 0)
     first_tile = tl.where(tile_lo < tile_hi, first_tile, tile_hi)
+    token_ids = (tl.load(qsl_ptr + req) + q_off + toks).to(tl.int64)
     best = tl.full([BLOCK_T, BB], -1, tl.int64)
     spill = tl.zeros([BLOCK_T], tl.float32)
     block_offs = tl.arange(0, BB)
@@ -300,17 +335,26 @@ def _block_select_kernel(
         forced = candidate & ((blocks[None, :] < INIT_BLOCKS)
                               | (blocks[None, :] > current_block[:, None] - LOCAL_BLOCKS))
         ranked = tl.where(forced, float("inf"), importance)
-        # Non-negative floats order like their bit patterns; the low half (0x7FFFFFFF - block)
-        # ranks the lower block first among equal scores.
-        key = ((ranked.to(tl.int32, bitcast=True).to(tl.int64) << 32)
-               | (0x7FFFFFFF - blocks[None, :]).to(tl.int64))
-        key = tl.where(candidate & (c >= tile_lo), key, -1)
-        # Sort only when some token's candidate beats that token's current worst kept key.
-        improves = tl.sum((tl.max(key, axis=1) > tl.min(best, axis=1)).to(tl.int32), axis=0)
-        if improves > 0:
-            best = _keep_top(best, key, BLOCK_T, BB)
-    token_ids = (tl.load(qsl_ptr + req) + q_off + toks).to(tl.int64)
-    if NUM_SPLITS == 1:
+        if DECODE:
+            # One token per program: sorting per tile would dominate; the block scores go
+            # out and `_select_topk_kernel` picks each row's top-n in one pass.
+            tl.store(scores_ptr + (token_ids[:, None] * num_kv_heads + kv_head)
+                     * NUM_BLOCKS_PAD + blocks[None, :], ranked,
+                     mask=candidate & (blocks[None, :] >= tile_lo * BB))   # owned tiles
+        else:
+            # Non-negative floats order like their bit patterns; the low half
+            # (0x7FFFFFFF - block) ranks the lower block first among equal scores.
+            key = ((ranked.to(tl.int32, bitcast=True).to(tl.int64) << 32)
+                   | (0x7FFFFFFF - blocks[None, :]).to(tl.int64))
+            key = tl.where(candidate & (c >= tile_lo), key, -1)
+            # Sort only when some token's candidate beats that token's worst kept key.
+            improves = tl.sum((tl.max(key, axis=1) > tl.min(best, axis=1)).to(tl.int32),
+                              axis=0)
+            if improves > 0:
+                best = _keep_top(best, key, BLOCK_T, BB)
+    if DECODE:
+        pass   # selection continues in _select_topk_kernel
+    elif NUM_SPLITS == 1:
         indices = _keys_to_indices(best, block_offs[None, :], TOPK)
         tl.store(indices_ptr + (token_ids[:, None] * num_kv_heads + kv_head) * TOPK
                  + block_offs[None, :], indices,
@@ -322,12 +366,12 @@ def _block_select_kernel(
 
 
 @triton.jit
-def _merge_topk_kernel(part_keys_ptr, token_req_ptr, indices_ptr, num_kv_heads,
+def _merge_topk_kernel(part_keys_ptr, qsl_ptr, indices_ptr, num_reqs, num_kv_heads,
                        NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BB: tl.constexpr,
                        TOPK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
-    if tl.load(token_req_ptr + token) >= 0:
+    if token < tl.load(qsl_ptr + num_reqs):   # padding tokens have no candidates
         offs = tl.arange(0, SPLITS_PAD * BB)
         keys = tl.load(part_keys_ptr + (token * num_kv_heads + kv_head) * NUM_SPLITS * BB + offs,
                        mask=offs < NUM_SPLITS * BB, other=-1)
@@ -335,6 +379,42 @@ def _merge_topk_kernel(part_keys_ptr, token_req_ptr, indices_ptr, num_kv_heads,
         indices = _keys_to_indices(keys, offs, TOPK)
         tl.store(indices_ptr + (token * num_kv_heads + kv_head) * TOPK + offs, indices,
                  mask=offs < TOPK)
+
+
+@triton.jit
+def _select_topk_kernel(scores_ptr, qsl_ptr, seq_lens_ptr, indices_ptr, num_reqs,
+                        num_kv_heads, SBLOCK: tl.constexpr, NUM_BLOCKS_PAD: tl.constexpr,
+                        TOPK: tl.constexpr):
+    """Decode selection: the top-n blocks of one (token, KV head) score row (forced blocks
+    score +inf; ties to the lower block), written ascending. The n-th largest score is found
+    by bisecting its bit pattern (non-negative floats order like their bits): 31 counting
+    passes over the row instead of a sort."""
+    token = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    req = _request_of(qsl_ptr, num_reqs, token)
+    if req >= 0:
+        q_begin = tl.load(qsl_ptr + req)
+        q_len = tl.load(qsl_ptr + req + 1) - q_begin
+        position = tl.load(seq_lens_ptr + req) - q_len + (token - q_begin)
+        row = token * num_kv_heads + kv_head
+        blocks = tl.arange(0, NUM_BLOCKS_PAD)
+        scores = tl.load(scores_ptr + row * NUM_BLOCKS_PAD + blocks,
+                         mask=blocks <= position // SBLOCK, other=-1.0)
+        bits = scores.to(tl.int32, bitcast=True)     # non-candidates (-1.0) are negative
+        # Largest threshold t with at least TOPK candidates scoring >= t (0 if fewer).
+        low = tl.zeros([], tl.int32)
+        high = low + 0x7F800001                      # just above +inf
+        for _ in range(31):
+            mid = low + (high - low) // 2
+            enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= TOPK
+            low = tl.where(enough, mid, low)
+            high = tl.where(enough, high, mid)
+        above = bits > low
+        ties = bits == low
+        tie_rank = tl.cumsum(ties.to(tl.int32), axis=0) - 1
+        take = above | (ties & (tie_rank < TOPK - tl.sum(above.to(tl.int32), axis=0)))
+        slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(indices_ptr + row * TOPK + slot, blocks, mask=take)
 
 
 @triton.jit
@@ -366,18 +446,35 @@ def _attend_tile(q, key_ptr, value_ptr, table_ptr, req, table_row, positions, ok
 
 
 @triton.jit
+def _finish_branch(out_ptrs, part, part_max_ptr, part_sum_ptr, part_acc_ptr, row_max, row_sum,
+                   acc, row_valid, DV: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """One branch's result: normalised into the output, or this split's online-softmax
+    partial (max, sum, unnormalised acc) for `_combine_splits_kernel`."""
+    if NUM_SPLITS == 1:
+        result = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+        tl.store(out_ptrs, result.to(out_ptrs.dtype.element_ty), mask=row_valid[:, None])
+    else:
+        tl.store(part_max_ptr + part, row_max, mask=row_valid)
+        tl.store(part_sum_ptr + part, row_sum, mask=row_valid)
+        dv = tl.arange(0, DV)
+        tl.store(part_acc_ptr + part[:, None] * DV + dv[None, :], acc, mask=row_valid[:, None])
+
+
+@triton.jit
 def _sparse_attention_kernel(
-        q_ptr, key_ptr, value_ptr, table_ptr, token_req_ptr, qsl_ptr, seq_lens_ptr,
-        indices_ptr, out_ptr,
+        q_ptr, key_ptr, value_ptr, table_ptr, qsl_ptr, seq_lens_ptr, indices_ptr, out_ptr,
+        part_max_ptr, part_sum_ptr, part_acc_ptr,
         q_tok, q_head, k_page, k_slot, k_head, v_page, v_slot, v_head, table_row,
-        out_tok, out_head, out_branch, num_kv_heads, qk_scale,
+        out_tok, out_head, out_branch, num_reqs, num_heads, num_kv_heads, qk_scale,
         G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
         PAGE_SIZE: tl.constexpr, SBLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
         TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, WINDOW: tl.constexpr,
-        BRANCHES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        STEPS_PER_SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr, BRANCHES: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
-    req = tl.load(token_req_ptr + token)
+    split = tl.program_id(2)
+    req = _request_of(qsl_ptr, num_reqs, token)
     if req < 0:
         return
     q_begin = tl.load(qsl_ptr + req)
@@ -393,34 +490,43 @@ def _sparse_attention_kernel(
     topk_offs = tl.arange(0, TOPK_PAD)
     selected = tl.load(index_base + topk_offs, mask=topk_offs < TOPK, other=-1)
     key_offs = tl.arange(0, BLOCK_K)
+    dv = tl.arange(0, DV)
+    out_ptrs = out_ptr + token * out_tok + head[:, None] * out_head + dv[None, :]
+    # Partials: [token, head, branch set, split]; the set is 0 (selected) / 1 (window) in
+    # branches mode, 0 in merged mode.
+    part = ((token * num_heads + head) * (1 + BRANCHES)) * NUM_SPLITS + split
 
+    # The work of one (token, KV head): TOPK * SBLOCK / BLOCK_K selected tiles, then the
+    # window's tiles; split `split` takes steps [step_lo, step_hi) of that list.
+    SUB: tl.constexpr = SBLOCK // BLOCK_K
+    step_lo = split * STEPS_PER_SPLIT
+    step_hi = step_lo + STEPS_PER_SPLIT
     row_max = tl.full([ROWS], float("-inf"), tl.float32)
     row_sum = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, DV], tl.float32)
-    # A flat, branch-free loop so Triton can pipeline it; a padding block (-1) has only
+    # Branch-free tiles so Triton can pipeline the loop; a padding block (-1) has only
     # negative positions and is fully masked.
-    for step in range(TOPK * (SBLOCK // BLOCK_K)):
-        block = tl.load(index_base + step // (SBLOCK // BLOCK_K))
-        positions = (block.to(tl.int64) * SBLOCK + (step % (SBLOCK // BLOCK_K)) * BLOCK_K
-                     + key_offs)
+    for step in range(step_lo, tl.minimum(step_hi, TOPK * SUB)):
+        block = tl.load(index_base + step // SUB)
+        positions = block.to(tl.int64) * SBLOCK + (step % SUB) * BLOCK_K + key_offs
         row_max, row_sum, acc = _attend_tile(
             q, key_ptr, value_ptr, table_ptr, req, table_row, positions,
             (positions >= 0) & (positions <= position), kv_head, k_page, k_slot, k_head,
             v_page, v_slot, v_head, qk_scale, row_max, row_sum, acc,
             PAGE_SIZE, D, DV, DOT_PRECISION)
-
-    dv = tl.arange(0, DV)
-    out_base = out_ptr + token * out_tok + head[:, None] * out_head + dv[None, :]
     if BRANCHES:
-        o_slc = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
-        tl.store(out_base + out_branch, o_slc.to(out_ptr.dtype.element_ty),
-                 mask=row_valid[:, None])
+        _finish_branch(out_ptrs + out_branch, part, part_max_ptr, part_sum_ptr, part_acc_ptr,
+                       row_max, row_sum, acc, row_valid, DV, NUM_SPLITS)
         row_max = tl.full([ROWS], float("-inf"), tl.float32)
         row_sum = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, DV], tl.float32)
     if WINDOW > 0:
         window_first = tl.maximum(position - WINDOW + 1, 0)
-        for tile in range(window_first // BLOCK_K, position // BLOCK_K + 1):
+        first_tile = window_first // BLOCK_K
+        last_tile = position // BLOCK_K
+        window_lo = tl.maximum(step_lo - TOPK * SUB, 0)
+        for tile in range(first_tile + window_lo,
+                          tl.minimum(first_tile + step_hi - TOPK * SUB, last_tile + 1)):
             first = tile * BLOCK_K
             if BRANCHES:
                 times_attended = 0
@@ -434,12 +540,36 @@ def _sparse_attention_kernel(
                     (positions >= window_first) & (positions <= position), kv_head,
                     k_page, k_slot, k_head, v_page, v_slot, v_head, qk_scale,
                     row_max, row_sum, acc, PAGE_SIZE, D, DV, DOT_PRECISION)
-    result = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
-    if BRANCHES:
-        tl.store(out_base + 2 * out_branch, result.to(out_ptr.dtype.element_ty),
-                 mask=row_valid[:, None])
-    else:
-        tl.store(out_base, result.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+    _finish_branch(out_ptrs + 2 * out_branch, part + BRANCHES * NUM_SPLITS, part_max_ptr,
+                   part_sum_ptr, part_acc_ptr, row_max, row_sum, acc, row_valid, DV, NUM_SPLITS)
+
+
+@triton.jit
+def _combine_splits_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, qsl_ptr, out_ptr,
+                           out_tok, out_head, out_branch, num_reqs, num_heads,
+                           DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                           SPLITS_PAD: tl.constexpr, BRANCHES: tl.constexpr):
+    """Merges the split partials of one (token, head, branch set) into the output."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    branch_set = tl.program_id(2)
+    if token < tl.load(qsl_ptr + num_reqs):
+        splits = tl.arange(0, SPLITS_PAD)
+        part = ((token * num_heads + head) * (1 + BRANCHES) + branch_set) * NUM_SPLITS + splits
+        split_ok = splits < NUM_SPLITS
+        split_max = tl.load(part_max_ptr + part, mask=split_ok, other=float("-inf"))
+        total_max = tl.max(split_max, axis=0)
+        weight = tl.exp2(split_max - tl.where(total_max == float("-inf"), 0.0, total_max))
+        total_sum = tl.sum(weight * tl.load(part_sum_ptr + part, mask=split_ok, other=0.0),
+                           axis=0)
+        dv = tl.arange(0, DV)
+        acc = tl.sum(weight[:, None] * tl.load(part_acc_ptr + part[:, None] * DV + dv[None, :],
+                                               mask=split_ok[:, None], other=0.0), axis=0)
+        result = acc / tl.where(total_sum > 0, total_sum, 1.0)
+        # Output slots: merged [T, H, DV]; branches [T, H, 3, DV] as (cmp, slc, win).
+        branch = (branch_set + 1) * BRANCHES
+        tl.store(out_ptr + token * out_tok + head * out_head + branch * out_branch + dv,
+                 result.to(out_ptr.dtype.element_ty))
 
 
 # ---------------------------------------------------------------------------- host side
@@ -485,6 +615,15 @@ def compress_paged(key_cache: torch.Tensor, value_cache: torch.Tensor,
         D=key_cache.shape[3], DV=value_cache.shape[3])
 
 
+def _fill_splits(busy_programs: int, max_work_items: int, device: torch.device) -> int:
+    """Programs per unit of work so about 4 waves of programs fill the GPU. Powers of two
+    only: NUM_SPLITS is a compile-time constant, so serving new batch shapes and context
+    lengths reuses a handful of compiled kernels instead of compiling mid-serve (splits
+    left without work cost nothing)."""
+    wanted = -(-4 * _num_sms(device) // max(1, busy_programs))
+    return _pow2(max(1, min(max_work_items, wanted)))
+
+
 def _check_inner_contiguous(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.stride(-1) != 1:
@@ -510,15 +649,6 @@ def _query_tiles(query_start_loc: torch.Tensor, num_tokens: int, block_t: int
     return tile_req, tile_qoff
 
 
-def _token_requests(query_start_loc: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Request of each query token, -1 for padding tokens past the last request."""
-    num_reqs = query_start_loc.shape[0] - 1
-    tokens = torch.arange(num_tokens, device=query_start_loc.device,
-                          dtype=query_start_loc.dtype)
-    req = torch.searchsorted(query_start_loc[1:].contiguous(), tokens, right=True)
-    return torch.where(req < num_reqs, req, -1).to(torch.int32)
-
-
 def nsa_paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         cmp_key_cache: torch.Tensor, cmp_value_cache: torch.Tensor,
                         block_table: torch.Tensor, query_start_loc: torch.Tensor,
@@ -529,8 +659,9 @@ def nsa_paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     """NSA for a batch of requests over the paged caches; see paged.py for the contract.
 
     Optional hints (host ints, CUDA-graph safe): max_query_len (1 = all decodes: small query
-    tiles), max_seq_len (must bound every seq_len; default: the block table's capacity),
-    num_splits (programs sharing one compressed scan; default: enough to fill the GPU).
+    tiles, one per request), max_seq_len (must bound every seq_len; default: the block
+    table's capacity), num_splits (programs sharing one query's compressed scan and its
+    sparse attention; default: enough to fill the GPU).
     Returns block_indices [N, H, select_topk] int32, ascending, -1 padded.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -560,6 +691,7 @@ def nsa_paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     decode_only = (max_query_len == 1) if max_query_len is not None else num_tokens <= num_reqs
     qk_scale = scale * _LOG2E
     precision = _dot_precision(q.dtype)
+    f32 = dict(dtype=torch.float32, device=device)
 
     # Pass 1 + 2 tiles: BLOCK_T tokens x GP heads; all rows in a program share K/V loads.
     gp = _pow2(group)
@@ -567,37 +699,41 @@ def nsa_paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     block_blocks = max(_pow2(topk), 16)                # BB: selection blocks per scan tile
     block_entries = block_blocks * select_block // config.compress_stride   # BC
     max_scan_tiles = -(-(-(-max_seq_len // select_block)) // block_blocks)
-    tile_req, tile_qoff = _query_tiles(query_start_loc, num_tokens, block_t)
-    num_q_tiles = tile_req.shape[0]
-    if num_splits is None:
-        # Occupied tiles: one per request when decoding, else about num_tokens / block_t.
-        busy = min(num_q_tiles, num_reqs if decode_only else -(-num_tokens // block_t))
-        busy = max(1, busy) * num_kv_heads
-        num_splits = max(1, min(max_scan_tiles, -(-4 * _num_sms(device) // busy)))
-        # NUM_SPLITS is a compile-time constant: powers of two only, so that serving new
-        # batch shapes and context lengths reuses a handful of compiled kernels instead of
-        # compiling one per value mid-serve (splits left without tiles cost nothing).
-        num_splits = _pow2(num_splits)
-    tiles_per_split = -(-max_scan_tiles // num_splits)
+    if decode_only:   # tile r is request r: no tile table to build
+        tile_req = tile_qoff = query_start_loc
+        num_q_tiles = num_reqs
+    else:
+        tile_req, tile_qoff = _query_tiles(query_start_loc, num_tokens, block_t)
+        num_q_tiles = tile_req.shape[0]
+    # Occupied programs without splitting: one tile per request when decoding, else about
+    # num_tokens / block_t tiles; the sparse attention has one per token.
+    scan_busy = num_kv_heads * max(1, min(num_q_tiles, num_reqs if decode_only
+                                          else -(-num_tokens // block_t)))
+    scan_splits = num_splits or _fill_splits(scan_busy, max_scan_tiles, device)
+    tiles_per_split = -(-max_scan_tiles // scan_splits)
 
-    f32 = dict(dtype=torch.float32, device=device)
     lse = torch.empty((num_tokens, num_heads), **f32)
-    if num_splits > 1:
-        part_max = torch.empty((num_tokens, num_heads, num_splits), **f32)
+    # Decode: per-block scores of each (token, KV head) for _select_topk_kernel.
+    num_blocks_pad = _pow2(max_scan_tiles * block_blocks)
+    scores = (torch.empty((num_tokens, num_kv_heads, num_blocks_pad), **f32) if decode_only
+              else lse)
+    if scan_splits > 1:
+        part_max = torch.empty((num_tokens, num_heads, scan_splits), **f32)
         part_sum = torch.empty_like(part_max)
-        part_acc = torch.empty((num_tokens, num_heads, num_splits, value_dim) if branches
+        part_acc = torch.empty((num_tokens, num_heads, scan_splits, value_dim) if branches
                                else (1,), **f32)
-        part_keys = torch.empty((num_tokens, num_kv_heads, num_splits, block_blocks),
-                                dtype=torch.int64, device=device)
+        part_keys = (lse if decode_only else
+                     torch.empty((num_tokens, num_kv_heads, scan_splits, block_blocks),
+                                 dtype=torch.int64, device=device))
     else:
         part_max = part_sum = part_acc = part_keys = lse
     out_tok, out_head = output.stride(0), output.stride(1)
     out_branch = output.stride(2) if branches else 0
     common = dict(G=group, GP=gp, BLOCK_T=block_t, D=head_dim, DV=value_dim,
                   PAGE_SIZE=page_size, STRIDE=config.compress_stride,
-                  CBLOCK=config.compress_block, BC=block_entries, NUM_SPLITS=num_splits,
-                  WRITE_CMP=branches, DOT_PRECISION=precision)
-    grid = (num_q_tiles, num_kv_heads, num_splits)
+                  CBLOCK=config.compress_block, BC=block_entries, NUM_SPLITS=scan_splits,
+                  DECODE=decode_only, WRITE_CMP=branches, DOT_PRECISION=precision)
+    grid = (num_q_tiles, num_kv_heads, scan_splits)
     _compressed_scan_kernel[grid](
         q, cmp_key_cache, cmp_value_cache, block_table, tile_req, tile_qoff, query_start_loc,
         seq_lens, output, lse, part_max, part_sum, part_acc,
@@ -607,26 +743,47 @@ def nsa_paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         tiles_per_split, qk_scale, **common)
     _block_select_kernel[grid](
         q, cmp_key_cache, block_table, tile_req, tile_qoff, query_start_loc, seq_lens,
-        output, lse, part_max, part_sum, part_acc, block_indices, part_keys,
+        output, lse, part_max, part_sum, part_acc, block_indices, part_keys, scores,
         q.stride(0), q.stride(1), cmp_key_cache.stride(0), cmp_key_cache.stride(1),
         cmp_key_cache.stride(2), block_table.stride(0), out_tok, out_head,
         num_heads, num_kv_heads, tiles_per_split, qk_scale,
         SBLOCK=select_block, BB=block_blocks, TOPK=topk, INIT_BLOCKS=config.init_blocks,
-        LOCAL_BLOCKS=config.local_blocks, **common)
-    token_req = _token_requests(query_start_loc, num_tokens)
-    if num_splits > 1:
+        LOCAL_BLOCKS=config.local_blocks, NUM_BLOCKS_PAD=num_blocks_pad, **common)
+    if decode_only:
+        _select_topk_kernel[(num_tokens, num_kv_heads)](
+            scores, query_start_loc, seq_lens, block_indices, num_reqs, num_kv_heads,
+            SBLOCK=select_block, NUM_BLOCKS_PAD=num_blocks_pad, TOPK=topk)
+    elif scan_splits > 1:
         _merge_topk_kernel[(num_tokens, num_kv_heads)](
-            part_keys, token_req, block_indices, num_kv_heads, NUM_SPLITS=num_splits,
-            SPLITS_PAD=_pow2(num_splits), BB=block_blocks, TOPK=topk)
+            part_keys, query_start_loc, block_indices, num_reqs, num_kv_heads,
+            NUM_SPLITS=scan_splits, SPLITS_PAD=_pow2(scan_splits), BB=block_blocks, TOPK=topk)
 
-    _sparse_attention_kernel[(num_tokens, num_kv_heads)](
-        q, key_cache, value_cache, block_table, token_req, query_start_loc, seq_lens,
-        block_indices, output,
+    # Sparse attention: selected tiles then window tiles, split across programs when there
+    # are too few (token, KV head) pairs to fill the GPU (decode).
+    block_k = min(select_block, 64)
+    window_tiles = (config.window - 1) // block_k + 2 if config.window else 0
+    attention_steps = topk * (select_block // block_k) + window_tiles
+    attention_splits = num_splits or _fill_splits(num_tokens * num_kv_heads,
+                                                  attention_steps, device)
+    branch_sets = 2 if branches else 1
+    if attention_splits > 1:
+        part_max = torch.empty((num_tokens, num_heads, branch_sets, attention_splits), **f32)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty((*part_max.shape, value_dim), **f32)
+    _sparse_attention_kernel[(num_tokens, num_kv_heads, attention_splits)](
+        q, key_cache, value_cache, block_table, query_start_loc, seq_lens, block_indices,
+        output, part_max, part_sum, part_acc,
         q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
         key_cache.stride(2), value_cache.stride(0), value_cache.stride(1),
         value_cache.stride(2), block_table.stride(0), out_tok, out_head, out_branch,
-        num_kv_heads, qk_scale,
+        num_reqs, num_heads, num_kv_heads, qk_scale,
         G=group, ROWS=max(_MIN_ROWS, gp), D=head_dim, DV=value_dim, PAGE_SIZE=page_size,
-        SBLOCK=select_block, BLOCK_K=min(select_block, 64), TOPK=topk, TOPK_PAD=_pow2(topk),
-        WINDOW=config.window, BRANCHES=branches, DOT_PRECISION=precision)
+        SBLOCK=select_block, BLOCK_K=block_k, TOPK=topk, TOPK_PAD=_pow2(topk),
+        WINDOW=config.window, STEPS_PER_SPLIT=-(-attention_steps // attention_splits),
+        NUM_SPLITS=attention_splits, BRANCHES=branches, DOT_PRECISION=precision)
+    if attention_splits > 1:
+        _combine_splits_kernel[(num_tokens, num_heads, branch_sets)](
+            part_max, part_sum, part_acc, query_start_loc, output, out_tok, out_head,
+            out_branch, num_reqs, num_heads, DV=value_dim, NUM_SPLITS=attention_splits,
+            SPLITS_PAD=_pow2(attention_splits), BRANCHES=branches)
     return block_indices

@@ -100,31 +100,64 @@ def test_attention_matches_twin(config, group, page_size, branches, hints):
     torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
 
 
-def test_decode_batch_with_hint():
-    """All-decode batch through the small-tile, split-scan decode path."""
+@pytest.mark.parametrize("branches", [False, True])
+def test_decode_batch_with_hint(branches):
+    """All-decode batch through the decode path (tile = request, split sparse attention), as
+    CUDA graphs pad it: an idle request in the middle and padding tokens past the last one."""
     cfg = CONFIGS["paper"]
     gen = torch.Generator().manual_seed(7)
-    seq_lens = [77, 300, 1, 200]
+    seq_lens = [77, 300, 50, 1, 200]
+    query_lens = [1, 1, 0, 1, 1]
+    num_padding = 2
     seqs = [(torch.randn(s, H, D, generator=gen), torch.randn(s, H, D, generator=gen))
             for s in seq_lens]
-    key_cache, value_cache, table = scatter_to_pages(seqs, 32, 24, gen)
-    cmp_key = torch.full((24, 2, H, D), float("nan"))
+    key_cache, value_cache, table = scatter_to_pages(seqs, 32, 26, gen)
+    cmp_key = torch.full((26, 2, H, D), float("nan"))
     cmp_value = cmp_key.clone()
     emit = [(r, i) for r, s in enumerate(seq_lens) for i in range(cfg.num_compressed(s))]
     paged.compress_paged(key_cache, value_cache, cmp_key, cmp_value, table,
                          torch.tensor([r for r, _ in emit]), torch.tensor([i for _, i in emit]),
                          cfg)
-    q = torch.randn(len(seq_lens), 3 * H, D, generator=gen)
-    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    num_real = sum(query_lens)
+    q = torch.randn(num_real + num_padding, 3 * H, D, generator=gen)
+    qsl = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
+    shape = (q.shape[0], 3 * H, 3, D) if branches else (q.shape[0], 3 * H, D)
     outputs = []
     for impl, hints in ((paged, {}), (triton_nsa, dict(max_query_len=1, max_seq_len=320))):
-        out = torch.full((len(seq_lens), 3 * H, 3, D), float("nan"))
+        out = torch.full(shape, float("nan"))
         idx = impl.nsa_paged_attention(q, key_cache, value_cache, cmp_key, cmp_value, table,
-                                       qsl, lens, cfg, D ** -0.5, out, True, **hints)
+                                       qsl, lens, cfg, D ** -0.5, out, branches, **hints)
         outputs.append((out, idx))
-    assert torch.equal(outputs[1][1], outputs[0][1])
-    torch.testing.assert_close(outputs[1][0], outputs[0][0], atol=2e-5, rtol=1e-5)
+    (twin_out, twin_idx), (out, idx) = outputs
+    assert torch.equal(idx, twin_idx)
+    assert (idx[num_real:] == -1).all()
+    assert out[num_real:].isnan().all()   # padding rows are not written
+    torch.testing.assert_close(out[:num_real], twin_out[:num_real], atol=2e-5, rtol=1e-5)
+
+
+def test_decode_top_n_with_ties():
+    """_select_topk_kernel against a sort: heavy ties (to the lower block), forced blocks
+    (+inf, more of them than n), rows with fewer candidates than n (-1 padded)."""
+    topk, num_blocks, select_block = 5, 64, 16
+    gen = torch.Generator().manual_seed(5)
+    seq_lens = torch.tensor([1, 48, 165, 1000, 1024, 17], dtype=torch.int32)
+    num_tokens, num_kv_heads = len(seq_lens), 2
+    scores = torch.randint(0, 4, (num_tokens, num_kv_heads, num_blocks), generator=gen) / 4.0
+    scores[2, 0, [0, 3, 9]] = float("inf")
+    scores[3, 1, :] = float("inf")
+    qsl = torch.arange(num_tokens + 1, dtype=torch.int32)
+    indices = torch.full((num_tokens, num_kv_heads, topk), -1, dtype=torch.int32)
+    triton_nsa._select_topk_kernel[(num_tokens, num_kv_heads)](
+        scores, qsl, seq_lens, indices, num_tokens, num_kv_heads, SBLOCK=select_block,
+        NUM_BLOCKS_PAD=num_blocks, TOPK=topk)
+    for t, seq_len in enumerate(seq_lens.tolist()):
+        candidates = (seq_len - 1) // select_block + 1
+        for h in range(num_kv_heads):
+            row = scores[t, h, :candidates].tolist()
+            ranked = sorted(range(candidates), key=lambda b: (-row[b], b))[:topk]
+            expected = sorted(ranked) + [-1] * (topk - len(ranked))
+            assert indices[t, h].tolist() == expected, (t, h)
 
 
 @pytest.mark.parametrize("branches", [False, True])
