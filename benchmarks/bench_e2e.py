@@ -22,7 +22,7 @@ Each (shape, backend) is one engine in its own process, with every context run i
   most kernel variants before anything is timed);
 - decode: the same prompts again (prefix-cache hits) with max_tokens=1 and then with
   1 + decode_steps (ignore_eos); step time = difference / decode_steps, tok/s = B / step
-  (the pair runs twice and the second is timed: the first compiles kernel variants);
+  (one warm-up pair compiles kernel variants, then the median of 3 timed pairs);
 - NSA decode read fraction: raw-token equivalents NSA reads per decode step over the dense
   context, from the backend's stats hook (VLLM_NSA_STATS_FILE, JSON lines).
 --profile: the longest context's prompts once more (prefix-cache hits, then 16 decode steps)
@@ -39,6 +39,7 @@ import gzip
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,7 @@ SHAPES = {
                  rope_theta=10_000.0),
 }
 PROFILE_STEPS = 16
+DECODE_ROUNDS = 3   # timed (cached pass, decode) pairs per context, after one warm-up
 # Kernel-name fragments -> the group a profiled kernel's time is reported under.
 KERNEL_GROUPS = (
     ("NSA compressed scan", ("_compressed_scan_kernel",)),
@@ -151,21 +153,26 @@ def run_engine(args, shape_name: str, backend: str) -> dict:
         t = time.perf_counter()
         llm.generate(prompts, one, use_tqdm=False)
         prefill_s = time.perf_counter() - t
-        # Twice: the first round JIT-compiles the kernel variants of the cached-tail pass
-        # (few tokens per request over a long context); the second round is timed.
-        for _ in range(2):
+        # The first round JIT-compiles the kernel variants of the cached-tail pass (few
+        # tokens per request over a long context); the median of the later rounds is timed
+        # (a single round can catch a one-off host stall in either pass).
+        cached_times, decode_times = [], []
+        for _ in range(1 + DECODE_ROUNDS):
             t = time.perf_counter()
             llm.generate(prompts, one, use_tqdm=False)                 # cached: the baseline
-            cached_s = time.perf_counter() - t
+            cached_times.append(time.perf_counter() - t)
             _, stats_line = read_stats(stats_path, stats_line)
             t = time.perf_counter()
             outs = llm.generate(prompts, SamplingParams(max_tokens=1 + args.decode_steps,
                                                         **detok), use_tqdm=False)
-            decode_total_s = time.perf_counter() - t
+            decode_times.append(time.perf_counter() - t)
         assert all(len(o.outputs[0].token_ids) == 1 + args.decode_steps for o in outs)
+        cached_s = statistics.median(cached_times[1:])
+        decode_total_s = statistics.median(decode_times[1:])
         step_s = (decode_total_s - cached_s) / args.decode_steps
         entry = {"context": ctx, "batch": batch, "prefill_s": prefill_s,
                  "prefill_tok_s": batch * ctx / prefill_s, "cached_pass_s": cached_s,
+                 "cached_pass_rounds_s": cached_times, "decode_rounds_s": decode_times,
                  "decode_step_ms": step_s * 1e3, "decode_tok_s": batch / step_s}
         steps, stats_line = read_stats(stats_path, stats_line)
         decode_steps = [s for s in steps if s["decode_requests"] == batch]
