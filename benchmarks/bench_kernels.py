@@ -388,6 +388,35 @@ def decode(fa3, copy_bw):
     return rows
 
 
+# ------------------------------------------------------------------ compiled variants
+def compiled_variants():
+    """Kernels compiled while a decode batch grows 1..40 requests (fixed capacity hint, as
+    the backend passes it): new variants mid-serve are multi-second stalls, so their
+    number must stay small and independent of the batch size's divisibility."""
+    log("== compiled variants, decode batch 1..40 (8k context, capacity hint 8192) ==")
+    kernels = {name: getattr(triton_nsa, name) for name in dir(triton_nsa)
+               if name.endswith("_kernel") and hasattr(getattr(triton_nsa, name), "device_caches")}
+
+    def counts():
+        return {name: sum(len(cache[0]) for cache in fn.device_caches.values())
+                for name, fn in kernels.items()}
+    hq, h, S = 32, 8, 8192
+    b = paged_batch([S] * 40, h, gen_seed=9)
+    start = counts()
+    for B in range(1, 41):
+        q = torch.randn(B, hq, D, device=DEV, dtype=DT)
+        triton_nsa.nsa_paged_attention(
+            q, b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"],
+            b["table"][:B].contiguous(), torch.arange(B + 1, dtype=torch.int32, device=DEV),
+            torch.full((B,), S, dtype=torch.int32, device=DEV), CFG, D ** -0.5,
+            torch.empty(B, hq, D, device=DEV, dtype=DT), False, max_query_len=1,
+            max_seq_len=S)
+    torch.cuda.synchronize()
+    added = {name: n - start[name] for name, n in counts().items() if n - start[name]}
+    log(f"  new compiled variants per kernel over 40 batch sizes: {added}")
+    return added
+
+
 def dump():
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
@@ -416,6 +445,9 @@ def main():
     if "prefill" in parts:
         prefill(fa3, load_fla())
         log(f"[{time.time() - t0:.0f}s]")
+    if "variants" in parts:
+        RESULTS["compiled_variants_decode_batch_1_to_40"] = compiled_variants()
+        dump()
     if "decode" in parts:
         decode(fa3, bw)
         log(f"[{time.time() - t0:.0f}s]")

@@ -36,6 +36,9 @@ from vllm_nsa.config import NSAConfig
 _LOG2E = 1.4426950408889634
 # Rows of the query tile in the tensor-core dots (tl.dot needs >= 16).
 _MIN_ROWS = 16
+# Integer arguments that change with the batch are marked do_not_specialize: Triton would
+# otherwise compile a new variant when one first equals 1 or becomes a multiple of 16, a
+# multi-second stall in the middle of serving.
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -139,7 +142,7 @@ def _num_compressed(position, CBLOCK: tl.constexpr, STRIDE: tl.constexpr):
     return tl.where(position >= CBLOCK - 1, (position - CBLOCK + 1) // STRIDE + 1, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_split"])
 def _compressed_scan_kernel(
         q_ptr, cmp_key_ptr, cmp_value_ptr, table_ptr, tile_req_ptr, tile_qoff_ptr, qsl_ptr,
         seq_lens_ptr, out_ptr, lse_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
@@ -237,7 +240,7 @@ def _keys_to_indices(keys, rank, TOPK: tl.constexpr):
 
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_split"])
 def _block_select_kernel(
         q_ptr, cmp_key_ptr, table_ptr, tile_req_ptr, tile_qoff_ptr, qsl_ptr, seq_lens_ptr,
         out_ptr, lse_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, indices_ptr, part_keys_ptr,
@@ -365,7 +368,7 @@ def _block_select_kernel(
                  mask=tok_valid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs"])
 def _merge_topk_kernel(part_keys_ptr, qsl_ptr, indices_ptr, num_reqs, num_kv_heads,
                        NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BB: tl.constexpr,
                        TOPK: tl.constexpr):
@@ -381,7 +384,7 @@ def _merge_topk_kernel(part_keys_ptr, qsl_ptr, indices_ptr, num_reqs, num_kv_hea
                  mask=offs < TOPK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs"])
 def _select_topk_kernel(scores_ptr, qsl_ptr, seq_lens_ptr, indices_ptr, num_reqs,
                         num_kv_heads, SBLOCK: tl.constexpr, NUM_BLOCKS_PAD: tl.constexpr,
                         TOPK: tl.constexpr):
@@ -460,7 +463,7 @@ def _finish_branch(out_ptrs, part, part_max_ptr, part_sum_ptr, part_acc_ptr, row
         tl.store(part_acc_ptr + part[:, None] * DV + dv[None, :], acc, mask=row_valid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs"])
 def _sparse_attention_kernel(
         q_ptr, key_ptr, value_ptr, table_ptr, qsl_ptr, seq_lens_ptr, indices_ptr, out_ptr,
         part_max_ptr, part_sum_ptr, part_acc_ptr,
@@ -544,7 +547,7 @@ def _sparse_attention_kernel(
                    part_sum_ptr, part_acc_ptr, row_max, row_sum, acc, row_valid, DV, NUM_SPLITS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs"])
 def _combine_splits_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, qsl_ptr, out_ptr,
                            out_tok, out_head, out_branch, num_reqs, num_heads,
                            DV: tl.constexpr, NUM_SPLITS: tl.constexpr,

@@ -251,6 +251,7 @@ class NSAMetadataBuilder(AttentionMetadataBuilder[NSAAttentionMetadata]):
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.config = _config_for_process()
+        self.max_model_len = vllm_config.model_config.max_model_len
         self._init_reorder_batch_threshold(1)
         self.stats = DecodeReadStats(self.config, get_tensor_model_parallel_rank(),
                                      kv_cache_spec.num_kv_heads)
@@ -286,7 +287,9 @@ class NSAMetadataBuilder(AttentionMetadataBuilder[NSAAttentionMetadata]):
         return NSAAttentionMetadata(
             num_actual_tokens=md.num_actual_tokens,
             max_query_len=md.max_query_len,
-            max_seq_len=md.max_seq_len,
+            # Decode kernels size their scan from this bound: the capacity (what the CUDA
+            # graphs were captured with) keeps eager decode on the same compiled variants.
+            max_seq_len=self.max_model_len if md.max_query_len == 1 else md.max_seq_len,
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
             block_table=md.block_table_tensor[:num_reqs],
