@@ -62,8 +62,9 @@ DECODE_ROUNDS = 3   # timed (cached pass, decode) pairs per context, after one w
 # Kernel-name fragments -> the group a profiled kernel's time is reported under.
 KERNEL_GROUPS = (
     ("NSA compressed scan", ("_compressed_scan_kernel",)),
-    ("NSA block selection", ("_block_select_kernel", "_merge_topk_kernel")),
-    ("NSA selection+window attention", ("_sparse_attention_kernel",)),
+    ("NSA block selection", ("_block_select_kernel", "_merge_topk_kernel",
+                             "_select_topk_kernel")),
+    ("NSA selection+window attention", ("_sparse_attention_kernel", "_combine_splits_kernel")),
     ("NSA compression", ("_compress_kernel",)),
     ("KV-cache write", ("reshape_and_cache",)),   # before FlashAttention: "..._flash"
     ("FlashAttention", ("flash", "fmha")),
