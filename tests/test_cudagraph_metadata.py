@@ -26,6 +26,7 @@ from vllm_nsa.config import NSAConfig  # noqa: E402
 CONFIGS = [NSAConfig(), NSAConfig(compress_block=16, compress_stride=16, select_block=32),
            NSAConfig(compress_block=64, compress_stride=16, select_block=64)]
 MAX_SEQS = 24
+MAX_MODEL_LEN = 4096
 
 
 def emitted(emit_req, emit_index):
@@ -70,6 +71,7 @@ def builder(monkeypatch):
     monkeypatch.delenv(backend.STATS_FILE_ENV, raising=False)
     vllm_config = types.SimpleNamespace(
         scheduler_config=types.SimpleNamespace(max_num_seqs=MAX_SEQS),
+        model_config=types.SimpleNamespace(max_model_len=MAX_MODEL_LEN),
         parallel_config=types.SimpleNamespace(decode_context_parallel_size=1),
         speculative_config=None)
     spec = types.SimpleNamespace(num_kv_heads=2)
@@ -109,6 +111,8 @@ def test_decode_builds_write_static_buffers(builder):
         host = compressed_to_emit(query_start_loc[:num_real + 1], seq_lens[:num_real], config)
         assert emitted(md.emit_req, md.emit_index) == emitted(*host)
         assert md.num_decodes == num_real
+        # the kernels' scan bound is the capacity the decode graphs were captured with
+        assert md.max_seq_len == MAX_MODEL_LEN
 
 
 def test_mixed_batch_keeps_host_emission(builder):
@@ -116,6 +120,7 @@ def test_mixed_batch_keeps_host_emission(builder):
     query_start_loc = torch.tensor([0, 1, 2, 302, 1302], dtype=torch.int32)
     seq_lens = torch.tensor([48, 97, 700, 1000], dtype=torch.int32)
     md = builder.build(0, common_metadata(query_start_loc, seq_lens, 1302))
+    assert md.max_seq_len == 1000
     assert md.emit_req.data_ptr() != builder.decode_emit_req.data_ptr()
     assert emitted(md.emit_req, md.emit_index) == emitted(
         *compressed_to_emit(query_start_loc, seq_lens, config))
