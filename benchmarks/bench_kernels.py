@@ -1,4 +1,4 @@
-"""GPU correctness and per-layer timing of the Triton NSA kernels (kernels/triton_nsa.py).
+"""GPU correctness and per-layer timing of the Triton NSA stages (kernels/triton/).
 
 Run on the GPU machine from the repo root:  python benchmarks/bench_kernels.py
 Optional: FA3_DIR (folder with _vllm_fa3_C.abi3.so + flash_attn_interface.py, see
@@ -6,11 +6,11 @@ Optional: FA3_DIR (folder with _vllm_fa3_C.abi3.so + flash_attn_interface.py, se
 the JSON; default benchmarks/results). Prints tables; writes kernels_<device>.json.
 
 1. Correctness at realistic shapes: a mixed batch (prefill chunks with cached context,
-   whole prompts, decodes at 8k-64k) on shuffled pages, bf16, merged and branches, and a
+   whole prompts, decodes at 8k-64k) on shuffled pages, bf16, merged and gated, and a
    decode-only batch through the split scan; outputs poisoned with NaN before each run;
    compared with the torch twin (kernels/paged.py): relative error, and block sets identical
    except near-ties (checked against the reference's group scores).
-2. Prefill 8k-64k, (HQ, H) = (32, 8), (64, 4), D = 128: NSA (three branches; merged too)
+2. Prefill 8k-64k, (HQ, H) = (32, 8), (64, 4), D = 128: NSA (gated: three branches; merged too)
    vs torch SDPA (flash) vs FA3 vs FLA parallel_nsa (G >= 16, no window).
 3. Decode, batch 1/8/32 at 8k/32k/64k, paged: NSA (eager and CUDA graph) vs FA3 paged decode,
    bytes/s on the spec's Table-4 bytes vs the measured copy bandwidth.
@@ -42,7 +42,8 @@ except ModuleNotFoundError:  # a bare checkout (the GPU machine): map kernels/ b
     _spec.loader.exec_module(sys.modules["vllm_nsa.kernels"])
 from vllm_nsa.config import NSAConfig  # noqa: E402
 from vllm_nsa.kernels import paged, reference  # noqa: E402
-from vllm_nsa.kernels import triton_nsa  # noqa: E402
+from vllm_nsa.kernels import triton as nsa_triton  # noqa: E402
+from vllm_nsa.kernels.triton import attend, combine, compress, score, select  # noqa: E402
 
 CFG = NSAConfig()  # paper: l=32, d=16, l'=64, n=16, w=512
 D = 128
@@ -87,19 +88,21 @@ def paged_batch(seq_lens, num_kv_heads, gen_seed=0, page_size=PAGE):
         idxs.append(torch.arange(c, dtype=torch.int32))
     emit_req = torch.cat(reqs).to(DEV)
     emit_index = torch.cat(idxs).to(DEV)
-    triton_nsa.compress_paged(key_cache, value_cache, cmp_key, cmp_value, table, emit_req,
-                              emit_index, CFG)
+    nsa_triton.compress(key_cache, value_cache, cmp_key, cmp_value, table, emit_req,
+                        emit_index, CFG)
     return dict(key_cache=key_cache, value_cache=value_cache, table=table, cmp_key=cmp_key,
                 cmp_value=cmp_value, emit_req=emit_req, emit_index=emit_index,
                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEV))
 
 
-def run_nsa(impl, q, b, qsl, branches, **hints):
-    shape = (q.shape[0], q.shape[1], 3, D) if branches else (q.shape[0], q.shape[1], D)
+def run_nsa(impl, q, b, qsl, gated, **hints):
+    shape = (q.shape[0], q.shape[1], 3, D) if gated else (q.shape[0], q.shape[1], D)
     out = torch.full(shape, float("nan"), device=DEV, dtype=DT)   # poison
+    plan = impl.make_plan(q, b["key_cache"], b["value_cache"], b["table"], qsl, CFG, gated,
+                          **hints)
     idx = impl.nsa_paged_attention(q, b["key_cache"], b["value_cache"], b["cmp_key"],
                                    b["cmp_value"], b["table"], qsl, b["seq_lens"], CFG,
-                                   D ** -0.5, out, branches, **hints)
+                                   D ** -0.5, out, gated, plan)
     return out, idx
 
 
@@ -107,20 +110,18 @@ def group_scores(q_rows, b, r, positions, num_kv_heads):
     """Reference group importance [rows, H, NB] for query rows of request r (float32)."""
     s = int(b["seq_lens"][r])
     row = b["table"][r]
-    offset = paged.compressed_slot_offset(CFG)
-    c = CFG.num_compressed(s)
-    k_cmp = paged.gather_pages(b["cmp_key"], row, offset + c)[offset:]
-    v_cmp = paged.gather_pages(b["cmp_value"], row, offset + c)[offset:]
-    _, p_cmp, _ = reference.compressed_attention(q_rows, k_cmp, v_cmp, positions, CFG,
-                                                 D ** -0.5)
-    p_slc = reference.block_importance(p_cmp, CFG.num_select_blocks(s), CFG)
+    k_cmp = paged.gather_compressed(b["cmp_key"], row, s, CFG)
+    v_cmp = paged.gather_compressed(b["cmp_value"], row, s, CFG)
+    _, lse = reference.score(q_rows, k_cmp, v_cmp, positions, CFG, D ** -0.5)
+    p_slc = reference.block_importance(q_rows, k_cmp, lse, positions, CFG.num_select_blocks(s),
+                                       CFG, D ** -0.5)
     return p_slc.reshape(p_slc.shape[0], num_kv_heads, -1, p_slc.shape[-1]).sum(2)
 
 
-def compare(name, q, b, qsl, branches, num_kv_heads, **hints):
-    out, idx = run_nsa(triton_nsa, q, b, qsl, branches, **hints)
+def compare(name, q, b, qsl, gated, num_kv_heads, **hints):
+    out, idx = run_nsa(nsa_triton, q, b, qsl, gated, **hints)
     torch.cuda.synchronize()
-    ref, ref_idx = run_nsa(paged, q, b, qsl, branches)
+    ref, ref_idx = run_nsa(paged, q, b, qsl, gated)
     unwritten = int(out.isnan().sum())
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     mismatch = (idx != ref_idx).any(-1)
@@ -159,31 +160,31 @@ def correctness():
         # emission kernel vs twin on the same raw cache
         ck, cv = torch.full_like(b["cmp_key"], float("nan")), torch.full_like(b["cmp_value"],
                                                                              float("nan"))
-        paged.compress_paged(b["key_cache"], b["value_cache"], ck, cv, b["table"],
-                             b["emit_req"], b["emit_index"], CFG)
+        paged.compress(b["key_cache"], b["value_cache"], ck, cv, b["table"],
+                       b["emit_req"], b["emit_index"], CFG)
         cmp_err = max((ck.float() - b["cmp_key"].float()).nan_to_num().abs().max().item(),
                       (cv.float() - b["cmp_value"].float()).nan_to_num().abs().max().item())
         same_nan = bool(torch.equal(ck.isnan(), b["cmp_key"].isnan()))
-        log(f"  compress_paged ({hq},{h}): max abs diff {cmp_err:.1e}, same slots {same_nan}")
+        log(f"  compress ({hq},{h}): max abs diff {cmp_err:.1e}, same slots {same_nan}")
         res[f"compress_{hq}_{h}"] = dict(max_abs_diff=cmp_err, same_slots=same_nan,
                                          ok=cmp_err < 1e-2 and same_nan)
         qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32,
                            device=DEV)
         q = torch.randn(sum(q_lens), hq, D, device=DEV, dtype=DT)
-        for branches in (False, True):
-            mode = "branches" if branches else "merged"
+        for gated in (False, True):
+            mode = "gated" if gated else "merged"
             res[f"mixed_{hq}_{h}_{mode}"] = compare(f"mixed batch ({hq},{h}) {mode}", q, b, qsl,
-                                                    branches, h)
+                                                    gated, h)
         # decode-only batch through the split scan (default split heuristic)
         dec = [8192, 32768, 65536, 12345]
         bd = paged_batch(dec, h, gen_seed=hq + 1)
         qd = torch.randn(len(dec), hq, D, device=DEV, dtype=DT)
         qsld = torch.arange(len(dec) + 1, dtype=torch.int32, device=DEV)
-        for branches in (False, True):
-            mode = "branches" if branches else "merged"
+        for gated in (False, True):
+            mode = "gated" if gated else "merged"
             res[f"decode_{hq}_{h}_{mode}"] = compare(
-                f"decode batch ({hq},{h}) {mode} split", qd, bd, qsld, branches, h,
-                max_query_len=1, max_seq_len=65536)
+                f"decode batch ({hq},{h}) {mode} split", qd, bd, qsld, gated, h,
+                max_query_len=1, scan_bound=65536)
         del b, bd
         torch.cuda.empty_cache()
     RESULTS["correctness"] = res
@@ -257,18 +258,20 @@ def prefill(fa3, fla):
             out1 = torch.empty(T, hq, D, device=DEV, dtype=DT)
             args = (q, b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"],
                     b["table"], qsl, b["seq_lens"], CFG, D ** -0.5)
-            hints = dict(max_query_len=T, max_seq_len=T)
+            plans = {gated: nsa_triton.make_plan(q, b["key_cache"], b["value_cache"], b["table"],
+                                                 qsl, CFG, gated, max_query_len=T,
+                                                 scan_bound=T) for gated in (False, True)}
             row = dict(T=T, HQ=hq, H=h, nsa_flops=prefill_flops(T, hq))
-            row["nsa_branches_ms"] = bench(
-                lambda: triton_nsa.nsa_paged_attention(*args, out3, True, **hints))
+            row["nsa_gated_ms"] = bench(
+                lambda: nsa_triton.nsa_paged_attention(*args, out3, True, plans[True]))
             row["nsa_merged_ms"] = bench(
-                lambda: triton_nsa.nsa_paged_attention(*args, out1, False, **hints))
-            row["compress_ms"] = bench(lambda: triton_nsa.compress_paged(
+                lambda: nsa_triton.nsa_paged_attention(*args, out1, False, plans[False]))
+            row["compress_ms"] = bench(lambda: nsa_triton.compress(
                 b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"], b["table"],
                 b["emit_req"], b["emit_index"], CFG))
             if T == 65536:
-                row["breakdown_branches"] = kernel_breakdown(
-                    lambda: triton_nsa.nsa_paged_attention(*args, out3, True, **hints))
+                row["breakdown_gated"] = kernel_breakdown(
+                    lambda: nsa_triton.nsa_paged_attention(*args, out3, True, plans[True]))
             # dense baselines on contiguous K/V of the same size
             k = torch.randn(T, h, D, device=DEV, dtype=DT)
             v = torch.randn_like(k)
@@ -295,16 +298,16 @@ def prefill(fa3, fla):
                         window_size=0))
                 except Exception as exc:
                     log(f"  FLA parallel_nsa failed: {exc!r}")
-            row["nsa_tflops"] = row["nsa_flops"] / (row["nsa_branches_ms"] * 1e-3) / 1e12
+            row["nsa_tflops"] = row["nsa_flops"] / (row["nsa_gated_ms"] * 1e-3) / 1e12
             dense = row.get("fa3_ms", row["sdpa_ms"])
-            row["speedup_vs_dense"] = dense / row["nsa_branches_ms"]
-            log(f"  ({hq},{h}) T={T:6d}: NSA3 {row['nsa_branches_ms']:8.2f} ms  merged "
+            row["speedup_vs_dense"] = dense / row["nsa_gated_ms"]
+            log(f"  ({hq},{h}) T={T:6d}: NSA3 {row['nsa_gated_ms']:8.2f} ms  merged "
                 f"{row['nsa_merged_ms']:8.2f}  compress {row['compress_ms']:.2f}  "
                 f"SDPA {row['sdpa_ms']:8.2f}  FA3 {row.get('fa3_ms', float('nan')):8.2f}  "
                 f"FLA {row.get('fla_nsa_ms', float('nan')):8.2f}  "
                 f"x{row['speedup_vs_dense']:.2f} vs dense  {row['nsa_tflops']:.0f} TFLOP/s")
-            if "breakdown_branches" in row:
-                log(f"    kernels: {row['breakdown_branches']}")
+            if "breakdown_gated" in row:
+                log(f"    kernels: {row['breakdown_gated']}")
             rows.append(row)
             del b, q, k, v, out3, out1
             torch.cuda.empty_cache()
@@ -329,11 +332,19 @@ def decode(fa3, copy_bw):
             out = torch.empty(B, hq, 3, D, device=DEV, dtype=DT)
             out_merged = torch.empty(B, hq, D, device=DEV, dtype=DT)
 
-            def nsa(branches=True, **splits):
-                return triton_nsa.nsa_paged_attention(
+            plans = {}
+
+            def nsa(gated=True, num_splits=None):
+                # One plan per (mode, splits), made outside the timed region as the backend
+                # makes one per step.
+                if (gated, num_splits) not in plans:
+                    plans[gated, num_splits] = nsa_triton.make_plan(
+                        q, b["key_cache"], b["value_cache"], table, qsl, CFG, gated,
+                        max_query_len=1, scan_bound=S, num_splits=num_splits)
+                return nsa_triton.nsa_paged_attention(
                     q, b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"], table,
-                    qsl, seq_lens, CFG, D ** -0.5, out if branches else out_merged, branches,
-                    max_query_len=1, max_seq_len=S, **splits)
+                    qsl, seq_lens, CFG, D ** -0.5, out if gated else out_merged, gated,
+                    plans[gated, num_splits])
 
             def graph_of(fn):
                 fn()
@@ -343,6 +354,7 @@ def decode(fa3, copy_bw):
                     fn()
                 return graph
             row = dict(B=B, S=S, HQ=hq, H=h)
+            nsa()
             row["nsa_eager_ms"] = bench(nsa)
             graph = graph_of(nsa)
             row["nsa_graph_ms"] = bench(graph.replay)
@@ -394,8 +406,9 @@ def compiled_variants():
     the backend passes it): new variants mid-serve are multi-second stalls, so their
     number must stay small and independent of the batch size's divisibility."""
     log("== compiled variants, decode batch 1..40 (8k context, capacity hint 8192) ==")
-    kernels = {name: getattr(triton_nsa, name) for name in dir(triton_nsa)
-               if name.endswith("_kernel") and hasattr(getattr(triton_nsa, name), "device_caches")}
+    kernels = {name: getattr(module, name)
+               for module in (compress, score, select, attend, combine) for name in dir(module)
+               if name.endswith("_kernel") and hasattr(getattr(module, name), "device_caches")}
 
     def counts():
         return {name: sum(len(cache[0]) for cache in fn.device_caches.values())
@@ -405,12 +418,14 @@ def compiled_variants():
     start = counts()
     for B in range(1, 41):
         q = torch.randn(B, hq, D, device=DEV, dtype=DT)
-        triton_nsa.nsa_paged_attention(
-            q, b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"],
-            b["table"][:B].contiguous(), torch.arange(B + 1, dtype=torch.int32, device=DEV),
+        qsl = torch.arange(B + 1, dtype=torch.int32, device=DEV)
+        table = b["table"][:B].contiguous()
+        plan = nsa_triton.make_plan(q, b["key_cache"], b["value_cache"], table, qsl, CFG, False,
+                                    max_query_len=1, scan_bound=S)
+        nsa_triton.nsa_paged_attention(
+            q, b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"], table, qsl,
             torch.full((B,), S, dtype=torch.int32, device=DEV), CFG, D ** -0.5,
-            torch.empty(B, hq, D, device=DEV, dtype=DT), False, max_query_len=1,
-            max_seq_len=S)
+            torch.empty(B, hq, D, device=DEV, dtype=DT), False, plan)
     torch.cuda.synchronize()
     added = {name: n - start[name] for name, n in counts().items() if n - start[name]}
     log(f"  new compiled variants per kernel over 40 batch sizes: {added}")

@@ -73,7 +73,7 @@ def main() -> None:
     num_tokens = len(ids)
     hits = []
     for q_last, k, v in captured:
-        _, block_indices = nsa_forward(q_last[None], k, v, config, branches=False)
+        _, block_indices = nsa_forward(q_last[None], k, v, config, gated=False)
         chosen = block_indices[0]  # [H, n]
         hits.append([all(b in set(row.tolist()) for b in needle_blocks) for row in chosen])
     in_window = min(answer_tokens) > num_tokens - 1 - config.window

@@ -1,25 +1,20 @@
 """NSA over vLLM's paged caches, in torch: the CPU serving path and the twin of the Triton
-kernels in `triton_nsa.py` (same names, same signatures).
+stages in `triton/` (same function names, same signatures; the Triton `plan` argument is
+accepted and ignored). Cache layout: kernels/README.md, "Paged cache layout".
 
-Cache layout (one layer):
-- key_cache / value_cache [num_pages, page_size, H, D]: raw K/V; position p of request r is
-  at page block_table[r, p // page_size], slot p % page_size.
-- cmp_key_cache / cmp_value_cache [num_pages, page_size // compress_stride, H, D]: compressed
-  entry i (raw positions [i*d, i*d + l)) is stored with its LAST raw token e = i*d + l - 1:
-  page block_table[r, e // page_size], slot (e % page_size) // d. It shares the raw cache's
-  block table. Keying entries by their last token (not their first) makes a page's
-  compressed entries a function of that page and the pages before it — exactly what vLLM's
-  prefix-cache hash covers — so a shared, cached page is never rewritten by a request whose
-  later tokens differ. Flattened over a request's pages, entry i sits at index
-  i + l/d - 1 (`compressed_slot_offset`).
-Tensors may be strided views (vLLM allocates them inside one buffer per layer).
+Each stage gathers a request's pages and runs the sequence reference (`reference.py`) on
+them, so the twin is the reference by construction. Tensors may be strided views (vLLM
+allocates them inside one buffer per layer).
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 
 from vllm_nsa.config import NSAConfig
-from vllm_nsa.kernels.reference import nsa_forward
+from vllm_nsa.kernels import reference
+from vllm_nsa.kernels.pipeline import run_stages
 
 
 def gather_pages(cache: torch.Tensor, block_table_row: torch.Tensor, num_entries: int
@@ -31,15 +26,44 @@ def gather_pages(cache: torch.Tensor, block_table_row: torch.Tensor, num_entries
     return cache[pages].flatten(0, 1)[:num_entries]
 
 
-def compressed_slot_offset(config: NSAConfig) -> int:
-    """Flattened cache index of compressed entry 0 (entry i is at i + this)."""
-    return config.compress_block // config.compress_stride - 1
+def gather_compressed(cmp_cache: torch.Tensor, block_table_row: torch.Tensor,
+                      num_tokens: int, config: NSAConfig) -> torch.Tensor:
+    """The C(num_tokens - 1) compressed entries of one request: [C, H, D]."""
+    offset = config.compressed_slot_offset
+    return gather_pages(cmp_cache, block_table_row,
+                        offset + config.num_compressed(num_tokens))[offset:]
 
 
-def compress_paged(key_cache: torch.Tensor, value_cache: torch.Tensor,
-                   cmp_key_cache: torch.Tensor, cmp_value_cache: torch.Tensor,
-                   block_table: torch.Tensor, emit_req: torch.Tensor, emit_index: torch.Tensor,
-                   config: NSAConfig) -> None:
+def _requests(query_start_loc: torch.Tensor, seq_lens: torch.Tensor):
+    """(request, its query rows, its query positions, its seq_len) of each non-empty request."""
+    starts = query_start_loc.tolist()
+    for r, seq_len in enumerate(seq_lens.tolist()):
+        rows = slice(starts[r], starts[r + 1])
+        if rows.stop > rows.start:
+            positions = reference.query_positions(rows.stop - rows.start, seq_len,
+                                                  query_start_loc.device)
+            yield r, rows, positions, seq_len
+
+
+# ---------------------------------------------------------------- stage: write (raw K/V)
+def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+             value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store this step's raw K/V [N, H, D] at their slots (page * page_size + offset);
+    slot -1 marks a padding token and is skipped."""
+    num_tokens = slot_mapping.shape[0]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    page_size = key_cache.shape[1]
+    pages, offsets = slots // page_size, slots % page_size
+    key_cache[pages, offsets] = key[:num_tokens][valid].to(key_cache.dtype)
+    value_cache[pages, offsets] = value[:num_tokens][valid].to(value_cache.dtype)
+
+
+# ---------------------------------------------------------------- stage: compress
+def compress(key_cache: torch.Tensor, value_cache: torch.Tensor,
+             cmp_key_cache: torch.Tensor, cmp_value_cache: torch.Tensor,
+             block_table: torch.Tensor, emit_req: torch.Tensor, emit_index: torch.Tensor,
+             config: NSAConfig) -> None:
     """Write compressed entries (phi = mean) from the raw paged cache.
 
     emit_req [E] (row of block_table) and emit_index [E] (compressed index i) list the
@@ -56,7 +80,7 @@ def compress_paged(key_cache: torch.Tensor, value_cache: torch.Tensor,
         config.compress_block, device=req.device)                       # [E, l]
     pages = block_table[req.unsqueeze(1), positions // page_size].long()
     slots = positions % page_size
-    last = index * config.compress_stride + config.compress_block - 1
+    last = config.compressed_entry_end(index)
     dest_page = block_table[req, last // page_size].long()
     dest_slot = (last % page_size) // config.compress_stride
     for raw, compressed in ((key_cache, cmp_key_cache), (value_cache, cmp_value_cache)):
@@ -64,36 +88,80 @@ def compress_paged(key_cache: torch.Tensor, value_cache: torch.Tensor,
         compressed[dest_page, dest_slot] = mean.to(compressed.dtype)
 
 
+def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+              block_table: torch.Tensor, query_start_loc: torch.Tensor, config: NSAConfig,
+              gated: bool, **hints) -> None:
+    """The torch twin launches nothing: no plan (the Triton one is kernels/triton/plan.py)."""
+    return None
+
+
+# ---------------------------------------------------------------- stage: score
+def score(q: torch.Tensor, cmp_key_cache: torch.Tensor, cmp_value_cache: torch.Tensor,
+          block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+          config: NSAConfig, scale: float, o_cmp: torch.Tensor | None, plan=None
+          ) -> torch.Tensor:
+    """Compressed attention of each query token: returns LSE [N, HQ] float32 (natural log
+    of the scaled scores, -inf while C(t) = 0) and writes o_cmp [N, HQ, Dv] when given
+    (gated mode). Rows of padding tokens keep LSE -inf."""
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    for r, rows, positions, seq_len in _requests(query_start_loc, seq_lens):
+        table_row = block_table[r]
+        k_cmp = gather_compressed(cmp_key_cache, table_row, seq_len, config)
+        v_cmp = gather_compressed(cmp_value_cache, table_row, seq_len, config)
+        out, lse[rows] = reference.score(q[rows], k_cmp, v_cmp, positions, config, scale)
+        if o_cmp is not None:
+            o_cmp[rows] = out.to(o_cmp.dtype)
+    return lse
+
+
+# ---------------------------------------------------------------- stage: select
+def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tensor,
+           query_start_loc: torch.Tensor, seq_lens: torch.Tensor, lse: torch.Tensor,
+           config: NSAConfig, scale: float, plan=None) -> torch.Tensor:
+    """Block selection from the compressed scores under the score stage's LSE: returns
+    block_indices [N, H, select_topk] int32, ascending, -1 padded (padding tokens: all -1)."""
+    num_kv_heads = cmp_key_cache.shape[2]
+    block_indices = torch.full((q.shape[0], num_kv_heads, config.select_topk), -1,
+                               dtype=torch.int32, device=q.device)
+    for r, rows, positions, seq_len in _requests(query_start_loc, seq_lens):
+        k_cmp = gather_compressed(cmp_key_cache, block_table[r], seq_len, config)
+        block_indices[rows] = reference.select(q[rows], k_cmp, lse[rows], positions, seq_len,
+                                               config, scale).to(torch.int32)
+    return block_indices
+
+
+# ---------------------------------------------------------------- stage: attend
+def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+           block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+           block_indices: torch.Tensor, config: NSAConfig, scale: float,
+           o_slc: torch.Tensor, o_win: torch.Tensor | None, plan=None) -> None:
+    """Exact attention over the selected blocks and the sliding window of the raw cache.
+    Merged (o_win None): o_slc gets selected blocks ∪ window, each position once. Gated:
+    o_slc and o_win get the two branches."""
+    for r, rows, positions, seq_len in _requests(query_start_loc, seq_lens):
+        table_row = block_table[r]
+        k = gather_pages(key_cache, table_row, seq_len)
+        v = gather_pages(value_cache, table_row, seq_len)
+        out_slc, out_win = reference.attend(q[rows], k, v, block_indices[rows].long(),
+                                            positions, config, scale, o_win is not None)
+        o_slc[rows] = out_slc.to(o_slc.dtype)
+        if o_win is not None:
+            o_win[rows] = out_win.to(o_win.dtype)
+
+
 def nsa_paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         cmp_key_cache: torch.Tensor, cmp_value_cache: torch.Tensor,
                         block_table: torch.Tensor, query_start_loc: torch.Tensor,
                         seq_lens: torch.Tensor, config: NSAConfig, scale: float,
-                        output: torch.Tensor, branches: bool) -> torch.Tensor:
-    """NSA for a batch of requests over the paged caches.
+                        output: torch.Tensor, gated: bool, plan=None) -> torch.Tensor:
+    """NSA for a batch of requests over the paged caches (score -> select -> attend).
 
     q [N, HQ, D]: request r's query tokens are q[query_start_loc[r]:query_start_loc[r+1]],
     the LAST positions of its seq_lens[r] tokens (all already in the raw cache, compressed
-    entries emitted). output: [N, HQ, Dv] merged, or [N, HQ, 3, Dv] branch outputs
-    (cmp, slc, win) when `branches` (the gated mode; the model applies its gates).
+    entries emitted). output: [N, HQ, Dv] merged, or [N, HQ, 3, Dv] branch outputs in
+    BRANCHES order (cmp, slc, win) when `gated` (the model applies its gates).
     Returns block_indices [N, H, select_topk] int32 (-1 padded).
     """
-    num_kv_heads = key_cache.shape[2]
-    block_indices = torch.full((q.shape[0], num_kv_heads, config.select_topk), -1,
-                               dtype=torch.int32, device=q.device)
-    starts = query_start_loc.tolist()
-    for r, seq_len in enumerate(seq_lens.tolist()):
-        a, b = starts[r], starts[r + 1]
-        if b == a:
-            continue
-        row = block_table[r]
-        k = gather_pages(key_cache, row, seq_len)
-        v = gather_pages(value_cache, row, seq_len)
-        offset = compressed_slot_offset(config)
-        num_cmp = config.num_compressed(seq_len)
-        compressed = (gather_pages(cmp_key_cache, row, offset + num_cmp)[offset:],
-                      gather_pages(cmp_value_cache, row, offset + num_cmp)[offset:])
-        out, idx = nsa_forward(q[a:b], k, v, config, branches=branches, scale=scale,
-                               compressed=compressed)
-        output[a:b] = out.to(output.dtype)
-        block_indices[a:b] = idx.to(torch.int32)
-    return block_indices
+    return run_stages(sys.modules[__name__], q, key_cache, value_cache, cmp_key_cache,
+                      cmp_value_cache, block_table, query_start_loc, seq_lens, config, scale,
+                      output, gated, plan)

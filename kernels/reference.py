@@ -26,7 +26,7 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _query_positions(num_queries: int, num_tokens: int, device) -> torch.Tensor:
+def query_positions(num_queries: int, num_tokens: int, device) -> torch.Tensor:
     if num_queries > num_tokens:
         raise ValueError(f"q holds {num_queries} positions but k/v only {num_tokens}")
     return torch.arange(num_tokens - num_queries, num_tokens, device=device)
@@ -60,8 +60,8 @@ def _over_query_chunks(num_q: int, num_heads: int, chunk: int, attend
             torch.cat(lses).reshape(num_q, num_heads))
 
 
-# ---------------------------------------------------------------- branch 1: compression
-def compress_kv(k: torch.Tensor, v: torch.Tensor, config: NSAConfig
+# ---------------------------------------------------------------- stage: compress
+def compress(k: torch.Tensor, v: torch.Tensor, config: NSAConfig
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """phi = mean over each compression window: [C, H, D], [C, H, Dv] with C = config.num_compressed(T)."""
     num_cmp = config.num_compressed(k.shape[0])
@@ -76,29 +76,32 @@ def compress_kv(k: torch.Tensor, v: torch.Tensor, config: NSAConfig
     return pool(k), pool(v)
 
 
-def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
-                         q_positions: torch.Tensor, config: NSAConfig, scale: float
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """o_cmp [Q, HQ, Dv], p_cmp [Q, HQ, C] (0 where invisible) and LSE [Q, HQ] (-inf when C(t)=0).
-
-    Compressed entry i is visible to position t iff i*d + l - 1 <= t.
-    """
+def compressed_scores(q: torch.Tensor, k_cmp: torch.Tensor, q_positions: torch.Tensor,
+                      config: NSAConfig, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled scores [Q, H, G, C] of every query head against the compressed keys, and the
+    visibility mask [Q, 1, 1, C]: compressed entry i is visible to position t iff
+    i*d + l - 1 <= t."""
     work = _work_dtype(q)
-    num_kv_heads = k_cmp.shape[1]
-    qg = _group_view(q.to(work), num_kv_heads)                       # [Q, H, G, D]
+    qg = _group_view(q.to(work), k_cmp.shape[1])                     # [Q, H, G, D]
     scores = torch.einsum("qhgd,chd->qhgc", qg, k_cmp.to(work)) * scale
-    ends = (torch.arange(k_cmp.shape[0], device=q.device) * config.compress_stride
-            + config.compress_block - 1)
+    ends = config.compressed_entry_end(torch.arange(k_cmp.shape[0], device=q.device))
     visible = (ends.view(1, -1) <= q_positions.view(-1, 1))[:, None, None, :]
-    out, lse = _masked_softmax_attention(scores, visible, v_cmp.to(work), "qhgc,che->qhge")
-    probs = torch.exp(scores.masked_fill(~visible, _NEG_INF)
-                      - lse.nan_to_num(neginf=0.0).unsqueeze(-1))
+    return scores, visible
+
+
+# ---------------------------------------------------------------- stage: score
+def score(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, q_positions: torch.Tensor,
+          config: NSAConfig, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compressed attention: o_cmp [Q, HQ, Dv] and LSE [Q, HQ] (natural log of the scaled
+    scores; -inf while C(t) = 0)."""
+    scores, visible = compressed_scores(q, k_cmp, q_positions, config, scale)
+    out, lse = _masked_softmax_attention(scores, visible, v_cmp.to(scores.dtype),
+                                         "qhgc,che->qhge")
     num_q, num_heads = q.shape[:2]
-    return (out.reshape(num_q, num_heads, -1), probs.reshape(num_q, num_heads, -1),
-            lse.reshape(num_q, num_heads))
+    return out.reshape(num_q, num_heads, -1), lse.reshape(num_q, num_heads)
 
 
-# ---------------------------------------------------------------- branch 2: selection
+# ---------------------------------------------------------------- stage: select
 def overlap_weights(num_compressed: int, num_blocks: int, config: NSAConfig,
                     device=None, dtype=torch.float32) -> torch.Tensor:
     """omega [C, NB]: |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d (spec Eq. 9)."""
@@ -110,14 +113,21 @@ def overlap_weights(num_compressed: int, num_blocks: int, config: NSAConfig,
     return (hi - lo).clamp(min=0).to(dtype) / config.compress_stride
 
 
-def block_importance(p_cmp: torch.Tensor, num_blocks: int, config: NSAConfig) -> torch.Tensor:
-    """p_slc [Q, HQ, NB] = p_cmp @ omega."""
+def block_importance(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor,
+                     q_positions: torch.Tensor, num_blocks: int, config: NSAConfig,
+                     scale: float) -> torch.Tensor:
+    """p_slc [Q, HQ, NB] = p_cmp @ omega, with p_cmp the compressed-attention probabilities
+    (0 where invisible) under the score stage's LSE [Q, HQ]."""
+    scores, visible = compressed_scores(q, k_cmp, q_positions, config, scale)
+    lse = lse.to(scores.dtype).reshape(scores.shape[:3])
+    p_cmp = torch.exp(scores.masked_fill(~visible, _NEG_INF)
+                      - lse.nan_to_num(neginf=0.0).unsqueeze(-1)).flatten(1, 2)
     omega = overlap_weights(p_cmp.shape[-1], num_blocks, config, p_cmp.device, p_cmp.dtype)
     return p_cmp @ omega
 
 
-def select_blocks(p_slc: torch.Tensor, q_positions: torch.Tensor, num_kv_heads: int,
-                  config: NSAConfig) -> torch.Tensor:
+def top_blocks(p_slc: torch.Tensor, q_positions: torch.Tensor, num_kv_heads: int,
+               config: NSAConfig) -> torch.Tensor:
     """Group-consistent top-n: block_indices [Q, H, n] int64, ascending, -1 padded at the end.
 
     Scores are summed over each KV head's query heads; forced blocks (the first init_blocks
@@ -145,6 +155,14 @@ def select_blocks(p_slc: torch.Tensor, q_positions: torch.Tensor, num_kv_heads: 
     return torch.where(keyed == 1 << 62, torch.full_like(keyed, -1), keyed)
 
 
+def select(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, q_positions: torch.Tensor,
+           num_tokens: int, config: NSAConfig, scale: float) -> torch.Tensor:
+    """Block selection for queries over a sequence of num_tokens: block_indices [Q, H, n]."""
+    p_slc = block_importance(q, k_cmp, lse, q_positions, config.num_select_blocks(num_tokens),
+                             config, scale)
+    return top_blocks(p_slc, q_positions, k_cmp.shape[1], config)
+
+
 def _blocks_to_mask(block_indices: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """[Q, H, n] (-1 padded) -> bool [Q, H, NB]."""
     mask = torch.zeros(block_indices.shape[:2] + (num_blocks + 1,), dtype=torch.bool,
@@ -153,6 +171,7 @@ def _blocks_to_mask(block_indices: torch.Tensor, num_blocks: int) -> torch.Tenso
     return mask[..., :num_blocks]
 
 
+# ---------------------------------------------------------------- stage: attend
 def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         block_indices: torch.Tensor, q_positions: torch.Tensor,
                         config: NSAConfig, scale: float
@@ -171,7 +190,7 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qg = _group_view(q.to(work), k.shape[1])
     offsets = torch.arange(block, device=q.device)
 
-    def attend(rows):
+    def attend_rows(rows):
         union = selected[rows].flatten(0, 1).any(dim=0).nonzero().squeeze(1)
         positions = (union.unsqueeze(1) * block + offsets).flatten()
         positions = positions[positions < num_tokens]
@@ -181,10 +200,9 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return _masked_softmax_attention(scores, mask.unsqueeze(2), v[positions].to(work),
                                          "qhgp,phe->qhge")
 
-    return _over_query_chunks(num_q, num_heads, _SELECT_CHUNK_QUERIES, attend)
+    return _over_query_chunks(num_q, num_heads, _SELECT_CHUNK_QUERIES, attend_rows)
 
 
-# ---------------------------------------------------------------- branch 3: sliding window
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      q_positions: torch.Tensor, config: NSAConfig, scale: float,
                      exclude_blocks: torch.Tensor | None = None
@@ -201,7 +219,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     window = config.window
     chunk = max(1, min(num_q, _CHUNK_ELEMENTS // max(1, num_heads * (window + num_q))))
 
-    def attend(rows):
+    def attend_rows(rows):
         pos = q_positions[rows]
         first, last = max(0, int(pos[0]) - window + 1), int(pos[-1])
         keys_pos = torch.arange(first, last + 1, device=q.device)
@@ -214,12 +232,32 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return _masked_softmax_attention(scores, mask, v[first:last + 1].to(work),
                                          "qhgk,khe->qhge")
 
-    return _over_query_chunks(num_q, num_heads, chunk, attend)
+    return _over_query_chunks(num_q, num_heads, chunk, attend_rows)
 
 
-# ---------------------------------------------------------------- combination
-def merge_by_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                 lse_b: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
+           q_positions: torch.Tensor, config: NSAConfig, scale: float, gated: bool
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The selected blocks and the sliding window over the raw K/V.
+
+    merged (gated=False): (exact attention over selected blocks ∪ window, None); window
+      positions inside a selected block are counted once.
+    gated: (o_slc, o_win), o_win 0 when window == 0.
+    """
+    o_slc, lse_slc = selection_attention(q, k, v, block_indices, q_positions, config, scale)
+    if not config.window:
+        return o_slc, (torch.zeros_like(o_slc) if gated else None)
+    if gated:
+        return o_slc, window_attention(q, k, v, q_positions, config, scale)[0]
+    selected = _blocks_to_mask(block_indices, config.num_select_blocks(k.shape[0]))
+    o_win, lse_win = window_attention(q, k, v, q_positions, config, scale,
+                                      exclude_blocks=selected)
+    return combine_by_lse(o_slc, lse_slc, o_win, lse_win), None
+
+
+# ---------------------------------------------------------------- stage: combine
+def combine_by_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                   lse_b: torch.Tensor) -> torch.Tensor:
     """Softmax over the union of two disjoint key sets from their partial results."""
     lse = torch.logaddexp(lse_a, lse_b)
     safe = lse.nan_to_num(neginf=0.0)
@@ -231,21 +269,22 @@ def merge_by_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
 def combine_gated(branches: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win.
 
-    branches [..., 3, Dv] and gates [..., 3], both in (cmp, slc, win) order.
+    branches [..., 3, Dv] and gates [..., 3], both in BRANCHES order (cmp, slc, win).
     """
     return (branches * gates.to(branches.dtype).unsqueeze(-1)).sum(dim=-2)
 
 
 def nsa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: NSAConfig, *,
-                branches: bool, scale: float | None = None,
+                gated: bool, scale: float | None = None,
                 compressed: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared core of every NSA path (float32/64 result, not cast back).
+    """The stages in order, the shared core of every NSA path (float32/64 result, not cast
+    back): compress -> score -> select -> attend.
 
-    branches=False: merged, training-free mode -> [Q, HQ, Dv]: exact attention over the
+    gated=False: merged, training-free mode -> [Q, HQ, Dv]: exact attention over the
       selected blocks ∪ window; the compressed branch only scores blocks.
-    branches=True: the three branch outputs [Q, HQ, 3, Dv] in (cmp, slc, win) order, for
-      the gated mode (o_win is 0 when window == 0).
+    gated=True: the three branch outputs [Q, HQ, 3, Dv] in BRANCHES order (cmp, slc, win),
+      the model applies its gates (o_win is 0 when window == 0).
     compressed: (k_cmp, v_cmp) as a cache holds them (at least C(T-1) entries); computed
       from k/v with phi = mean when None.
     Returns (output, block_indices [Q, H, n]).
@@ -253,26 +292,17 @@ def nsa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: NSACo
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError("expected q [Q, HQ, D], k [T, H, D], v [T, H, Dv]")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    num_tokens, num_kv_heads = k.shape[:2]
-    positions = _query_positions(q.shape[0], num_tokens, q.device)
+    num_tokens = k.shape[0]
+    positions = query_positions(q.shape[0], num_tokens, q.device)
     if compressed is None:
-        compressed = compress_kv(k, v, config)
+        compressed = compress(k, v, config)
     num_cmp = config.num_compressed(num_tokens)
     k_cmp, v_cmp = (x[:num_cmp] for x in compressed)
-    o_cmp, p_cmp, _ = compressed_attention(q, k_cmp, v_cmp, positions, config, scale)
-    num_blocks = config.num_select_blocks(num_tokens)
-    block_indices = select_blocks(block_importance(p_cmp, num_blocks, config), positions,
-                                  num_kv_heads, config)
-    o_slc, lse_slc = selection_attention(q, k, v, block_indices, positions, config, scale)
-    if not branches:
-        if config.window == 0:
-            return o_slc, block_indices
-        selected = _blocks_to_mask(block_indices, num_blocks)
-        o_win, lse_win = window_attention(q, k, v, positions, config, scale,
-                                          exclude_blocks=selected)
-        return merge_by_lse(o_slc, lse_slc, o_win, lse_win), block_indices
-    o_win = (window_attention(q, k, v, positions, config, scale)[0] if config.window
-             else torch.zeros_like(o_slc))
+    o_cmp, lse = score(q, k_cmp, v_cmp, positions, config, scale)
+    block_indices = select(q, k_cmp, lse, positions, num_tokens, config, scale)
+    o_slc, o_win = attend(q, k, v, block_indices, positions, config, scale, gated)
+    if not gated:
+        return o_slc, block_indices
     return torch.stack((o_cmp, o_slc, o_win), dim=-2), block_indices
 
 
@@ -288,7 +318,7 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: NSA
     if gates is not None and gates.shape != q.shape[:2] + (3,):
         raise ValueError(f"gates must be [Q, HQ, 3] = {tuple(q.shape[:2]) + (3,)}, "
                          f"got {tuple(gates.shape)}")
-    out, block_indices = nsa_forward(q, k, v, config, branches=gates is not None, scale=scale)
+    out, block_indices = nsa_forward(q, k, v, config, gated=gates is not None, scale=scale)
     if gates is not None:
         out = combine_gated(out, gates)
     return out.to(q.dtype), block_indices
@@ -302,12 +332,11 @@ def decode_read_counts_batch(seq_lens: torch.Tensor, config: NSAConfig) -> dict[
     seq_lens = torch.as_tensor(seq_lens, dtype=torch.int64)
     if (seq_lens < 1).any():
         raise ValueError(f"seq_lens must be >= 1, got {seq_lens.min().item()}")
-    l, d, block, topk = (config.compress_block, config.compress_stride, config.select_block,
-                         config.select_topk)
+    block, topk = config.select_block, config.select_topk
     num_blocks = -(-seq_lens // block)
     selected = torch.where(num_blocks <= topk, seq_lens,
                            (topk - 1) * block + seq_lens - (num_blocks - 1) * block)
-    compressed = torch.where(seq_lens >= l, (seq_lens - l) // d + 1, torch.zeros_like(seq_lens))
+    compressed = config.num_compressed(seq_lens)
     window = seq_lens.clamp(max=config.window)
     return {"compressed": compressed, "selected": selected, "window": window,
             "total": compressed + selected + window, "dense": seq_lens}

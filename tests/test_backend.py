@@ -98,10 +98,10 @@ class Simulator:
         num_decodes = sum(1 for n in query_lens if n == 1)
         metadata = NSAAttentionMetadata(
             num_actual_tokens=num_tokens, max_query_len=max(query_lens),
-            max_seq_len=int(seq_lens.max()), query_start_loc=query_start_loc,
+            scan_bound=int(seq_lens.max()), query_start_loc=query_start_loc,
             seq_lens=seq_lens, block_table=block_table, slot_mapping=torch.tensor(slots),
             emit_req=emit_req, emit_index=emit_index, num_decodes=num_decodes,
-            num_decode_tokens=num_decodes)
+)
         # vLLM pads the token dimension (CUDA-graph sizes); padding rows have slot -1.
         pad = 3
         slot_mapping = torch.tensor(slots + [-1] * pad)

@@ -112,7 +112,7 @@ def test_decode_builds_write_static_buffers(builder):
         assert emitted(md.emit_req, md.emit_index) == emitted(*host)
         assert md.num_decodes == num_real
         # the kernels' scan bound is the capacity the decode graphs were captured with
-        assert md.max_seq_len == MAX_MODEL_LEN
+        assert md.scan_bound == MAX_MODEL_LEN
 
 
 def test_mixed_batch_keeps_host_emission(builder):
@@ -120,7 +120,7 @@ def test_mixed_batch_keeps_host_emission(builder):
     query_start_loc = torch.tensor([0, 1, 2, 302, 1302], dtype=torch.int32)
     seq_lens = torch.tensor([48, 97, 700, 1000], dtype=torch.int32)
     md = builder.build(0, common_metadata(query_start_loc, seq_lens, 1302))
-    assert md.max_seq_len == 1000
+    assert md.scan_bound == 1000
     assert md.emit_req.data_ptr() != builder.decode_emit_req.data_ptr()
     assert emitted(md.emit_req, md.emit_index) == emitted(
         *compressed_to_emit(query_start_loc, seq_lens, config))

@@ -1,5 +1,6 @@
-"""The Triton kernels (kernels/triton_nsa.py) under Triton's interpreter, on the CPU, against
-their torch twins (kernels/paged.py) and the float64 oracle, at small shapes.
+"""The Triton stages (kernels/triton/) under Triton's interpreter, on the CPU, against their
+torch twins (kernels/paged.py) stage by stage and composed, and against the float64
+oracle, at small shapes.
 
 Run as `TRITON_INTERPRET=1 pytest tests/test_triton_kernels.py` (what `make test` does): the
 interpreter must be on before anything imports Triton, and vLLM (imported by other test
@@ -12,12 +13,16 @@ from triton.runtime.interpreter import InterpretedFunction
 from oracle import assert_same_blocks_except_near_ties, oracle_nsa
 from test_paged import scatter_to_pages
 from vllm_nsa.config import NSAConfig
-from vllm_nsa.kernels import paged, triton_nsa
+from vllm_nsa.kernels import paged
+from vllm_nsa.kernels import triton as triton_nsa
+from vllm_nsa.kernels.pipeline import output_views
 from vllm_nsa.kernels.reference import combine_gated
+from vllm_nsa.kernels.triton.attend import _attend_kernel
+from vllm_nsa.kernels.triton.select import _select_topk_kernel
 
 # conftest.py collects this module only when TRITON_INTERPRET=1 was set before Python
 # started (`make test` runs it as its own pytest process): Triton decides at import time.
-assert isinstance(triton_nsa._sparse_attention_kernel, InterpretedFunction)
+assert isinstance(_attend_kernel, InterpretedFunction)
 
 CONFIGS = {
     # paper geometry (l=32, d=16, l'=64), scaled-down n and w
@@ -53,25 +58,25 @@ def build_caches(cfg, num_heads, page_size, dtype, seed):
     for name, impl in (("twin", paged), ("triton", triton_nsa)):
         cmp_key = torch.full((num_pages, per_page, H, D), float("nan"), dtype=dtype)
         cmp_value = cmp_key.clone()
-        impl.compress_paged(key_cache, value_cache, cmp_key, cmp_value, table, emit_req,
-                            emit_index, cfg)
+        impl.compress(key_cache, value_cache, cmp_key, cmp_value, table, emit_req,
+                      emit_index, cfg)
         caches[name] = (cmp_key, cmp_value)
     q = torch.randn(sum(QUERY_LENS), num_heads, D, generator=gen).to(dtype)
     qsl = torch.tensor([0] + torch.tensor(QUERY_LENS).cumsum(0).tolist(), dtype=torch.int32)
     return seqs, key_cache, value_cache, caches, table, q, qsl
 
 
-def run_both(cfg, group, page_size, branches, dtype=torch.float32, seed=0, **hints):
+def run_both(cfg, group, page_size, gated, dtype=torch.float32, seed=0, **hints):
     seqs, key_cache, value_cache, caches, table, q, qsl = build_caches(
         cfg, H * group, page_size, dtype, seed)
     seq_lens = torch.tensor(SEQ_LENS, dtype=torch.int32)
-    shape = (q.shape[0], H * group, 3, D) if branches else (q.shape[0], H * group, D)
+    shape = (q.shape[0], H * group, 3, D) if gated else (q.shape[0], H * group, D)
     results = {}
     for name, impl in (("twin", paged), ("triton", triton_nsa)):
         output = torch.full(shape, float("nan"), dtype=dtype)   # poisoned: all must be written
-        extra = hints if name == "triton" else {}
+        plan = impl.make_plan(q, key_cache, value_cache, table, qsl, cfg, gated, **hints)
         indices = impl.nsa_paged_attention(q, key_cache, value_cache, *caches[name], table, qsl,
-                                           seq_lens, cfg, D ** -0.5, output, branches, **extra)
+                                           seq_lens, cfg, D ** -0.5, output, gated, plan)
         results[name] = (output, indices)
     return seqs, q, qsl, caches, results
 
@@ -84,24 +89,26 @@ def test_compress_matches_twin(page_size):
         torch.testing.assert_close(kernel, twin, atol=1e-6, rtol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize("config, group, page_size, branches, hints", [
+@pytest.mark.parametrize("config, group, page_size, gated, hints", [
     ("paper", 1, 16, False, dict(num_splits=1)),
     ("paper", 3, 32, True, dict(num_splits=1)),
     ("paper", 4, 64, False, dict(num_splits=3)),
-    ("paper", 3, 128, True, dict(num_splits=2, max_seq_len=384)),
+    ("paper", 3, 128, True, dict(num_splits=2, scan_bound=384)),
+    ("paper", 16, 32, False, dict(num_splits=1)),
+    ("fla", 4, 16, True, dict(num_splits=4)),
     ("fla", 3, 16, False, dict(num_splits=2)),
     ("fine", 4, 32, True, dict()),
 ])
-def test_attention_matches_twin(config, group, page_size, branches, hints):
-    _, _, _, _, results = run_both(CONFIGS[config], group, page_size, branches, **hints)
+def test_attention_matches_twin(config, group, page_size, gated, hints):
+    _, _, _, _, results = run_both(CONFIGS[config], group, page_size, gated, **hints)
     (twin_out, twin_idx), (out, idx) = results["twin"], results["triton"]
     assert torch.equal(idx, twin_idx)
     assert not out.isnan().any()
     torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("branches", [False, True])
-def test_decode_batch_with_hint(branches):
+@pytest.mark.parametrize("gated", [False, True])
+def test_decode_batch_with_hint(gated):
     """All-decode batch through the decode path (tile = request, split sparse attention), as
     CUDA graphs pad it: an idle request in the middle and padding tokens past the last one."""
     cfg = CONFIGS["paper"]
@@ -115,19 +122,20 @@ def test_decode_batch_with_hint(branches):
     cmp_key = torch.full((26, 2, H, D), float("nan"))
     cmp_value = cmp_key.clone()
     emit = [(r, i) for r, s in enumerate(seq_lens) for i in range(cfg.num_compressed(s))]
-    paged.compress_paged(key_cache, value_cache, cmp_key, cmp_value, table,
-                         torch.tensor([r for r, _ in emit]), torch.tensor([i for _, i in emit]),
-                         cfg)
+    paged.compress(key_cache, value_cache, cmp_key, cmp_value, table,
+                   torch.tensor([r for r, _ in emit]), torch.tensor([i for _, i in emit]), cfg)
     num_real = sum(query_lens)
     q = torch.randn(num_real + num_padding, 3 * H, D, generator=gen)
     qsl = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    shape = (q.shape[0], 3 * H, 3, D) if branches else (q.shape[0], 3 * H, D)
+    shape = (q.shape[0], 3 * H, 3, D) if gated else (q.shape[0], 3 * H, D)
     outputs = []
-    for impl, hints in ((paged, {}), (triton_nsa, dict(max_query_len=1, max_seq_len=320))):
+    for impl in (paged, triton_nsa):
         out = torch.full(shape, float("nan"))
+        plan = impl.make_plan(q, key_cache, value_cache, table, qsl, cfg, gated,
+                              max_query_len=1, scan_bound=320)
         idx = impl.nsa_paged_attention(q, key_cache, value_cache, cmp_key, cmp_value, table,
-                                       qsl, lens, cfg, D ** -0.5, out, branches, **hints)
+                                       qsl, lens, cfg, D ** -0.5, out, gated, plan)
         outputs.append((out, idx))
     (twin_out, twin_idx), (out, idx) = outputs
     assert torch.equal(idx, twin_idx)
@@ -148,8 +156,9 @@ def test_decode_top_n_with_ties():
     scores[3, 1, :] = float("inf")
     qsl = torch.arange(num_tokens + 1, dtype=torch.int32)
     indices = torch.full((num_tokens, num_kv_heads, topk), -1, dtype=torch.int32)
-    triton_nsa._select_topk_kernel[(num_tokens, num_kv_heads)](
-        scores, qsl, seq_lens, indices, num_tokens, num_kv_heads, SBLOCK=select_block,
+    _select_topk_kernel[(num_tokens, num_kv_heads)](
+        block_scores_ptr=scores, qsl_ptr=qsl, seq_lens_ptr=seq_lens, indices_ptr=indices,
+        num_reqs=num_tokens, num_kv_heads=num_kv_heads, SELECT_BLOCK=select_block,
         NUM_BLOCKS_PAD=num_blocks, TOPK=topk)
     for t, seq_len in enumerate(seq_lens.tolist()):
         candidates = (seq_len - 1) // select_block + 1
@@ -160,15 +169,15 @@ def test_decode_top_n_with_ties():
             assert indices[t, h].tolist() == expected, (t, h)
 
 
-@pytest.mark.parametrize("branches", [False, True])
-def test_half_precision_against_oracle(branches):
+@pytest.mark.parametrize("gated", [False, True])
+def test_half_precision_against_oracle(gated):
     """fp16 kernels vs the float64 oracle on the same (rounded) inputs. (The interpreter's
     bf16 tl.dot is wrong in Triton 3.9 — it returns garbage on a plain 16x16 product — so bf16
     is checked on the GPU by benchmarks/bench_kernels.py.)"""
     dtype = torch.float16
     cfg = CONFIGS["paper"]
     group = 3
-    seqs, q, qsl, _, results = run_both(cfg, group, 16, branches, dtype=dtype, seed=3)
+    seqs, q, qsl, _, results = run_both(cfg, group, 16, gated, dtype=dtype, seed=3)
     out, idx = results["triton"]
     gen = torch.Generator().manual_seed(11)
     for r, (k, v) in enumerate(seqs):
@@ -179,7 +188,7 @@ def test_half_precision_against_oracle(branches):
         _, oracle_idx, group_scores = oracle_nsa(q_rows, k, v, cfg)
         assert_same_blocks_except_near_ties(idx[rows].long(), oracle_idx, group_scores,
                                             tolerance=1e-2)
-        if branches:
+        if gated:
             gates = torch.rand(q_rows.shape[0], q_rows.shape[1], 3, generator=gen,
                                dtype=torch.float64)
             expected, _, _ = oracle_nsa(q_rows, k, v, cfg, gates=gates,
@@ -189,3 +198,74 @@ def test_half_precision_against_oracle(branches):
             expected, _, _ = oracle_nsa(q_rows, k, v, cfg, block_indices=idx[rows].long())
             got = out[rows].double()
         torch.testing.assert_close(got, expected, atol=2e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- stages one by one
+@pytest.mark.parametrize("group, gated, splits, decode", [
+    (1, False, 1, False),
+    (3, True, 2, False),
+    (4, True, 1, True),
+    (16, False, 4, True),
+])
+def test_stages_match_twin(group, gated, splits, decode):
+    """write_kv, then score, select and attend one at a time, each fed the twin's inputs,
+    against the twin; decode batches take the decode tiles and the top-n bisection, splits
+    > 1 the partials and `combine`."""
+    cfg = CONFIGS["fla"]        # 16-token blocks: 300 tokens span two scan tiles
+    gen = torch.Generator().manual_seed(group)
+    seq_lens = [300, 1, 130, 47] if decode else SEQ_LENS
+    query_lens = [1, 1, 1, 1] if decode else QUERY_LENS
+    num_heads, page_size = H * group, 16
+    seqs = [(torch.randn(s, H, D, generator=gen), torch.randn(s, H, D, generator=gen))
+            for s in seq_lens]
+    num_pages = sum(-(-s // page_size) for s in seq_lens) + 2
+    _, _, table = scatter_to_pages(seqs, page_size, num_pages, gen)
+    # write_kv fills the raw caches from per-token K/V and a slot mapping (-1: padding).
+    slots, keys, values = [], [], []
+    for r, (k, v) in enumerate(seqs):
+        for p in range(k.shape[0]):
+            slots.append(int(table[r, p // page_size]) * page_size + p % page_size)
+            keys.append(k[p])
+            values.append(v[p])
+    slot_mapping = torch.tensor(slots + [-1], dtype=torch.int64)
+    key = torch.stack(keys + [keys[0]])
+    value = torch.stack(values + [values[0]])
+    caches = {}
+    for name, impl in (("twin", paged), ("triton", triton_nsa)):
+        key_cache = torch.full((num_pages, page_size, H, D), float("nan"))
+        value_cache = key_cache.clone()
+        impl.write_kv(key, value, key_cache, value_cache, slot_mapping)
+        caches[name] = (key_cache, value_cache)
+    torch.testing.assert_close(caches["triton"], caches["twin"], equal_nan=True, rtol=0, atol=0)
+    key_cache, value_cache = caches["twin"]
+    cmp_key = torch.full((num_pages, page_size // cfg.compress_stride, H, D), float("nan"))
+    cmp_value = cmp_key.clone()
+    emit = [(r, i) for r, s in enumerate(seq_lens) for i in range(cfg.num_compressed(s))]
+    paged.compress(key_cache, value_cache, cmp_key, cmp_value, table,
+                   torch.tensor([r for r, _ in emit]), torch.tensor([i for _, i in emit]), cfg)
+    q = torch.randn(sum(query_lens), num_heads, D, generator=gen)
+    qsl = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    scale = D ** -0.5
+    shape = (q.shape[0], num_heads, 3, D) if gated else (q.shape[0], num_heads, D)
+    hints = dict(num_splits=splits, max_query_len=1 if decode else max(query_lens))
+    outputs, lses, indices = {}, {}, {}
+    for name, impl in (("twin", paged), ("triton", triton_nsa)):
+        plan = impl.make_plan(q, key_cache, value_cache, table, qsl, cfg, gated, **hints)
+        if plan is not None:
+            assert plan.scan_tiles >= 2 and plan.decode == decode
+        outputs[name] = torch.full(shape, float("nan"))
+        o_cmp, o_slc, o_win = output_views(outputs[name], gated)
+        lses[name] = impl.score(q, cmp_key, cmp_value, table, qsl, lens, cfg, scale, o_cmp,
+                                plan)
+        # select and attend get the twin's inputs, so each stage is checked on its own.
+        indices[name] = impl.select(q, cmp_key, table, qsl, lens, lses["twin"], cfg, scale,
+                                    plan)
+        impl.attend(q, key_cache, value_cache, table, qsl, lens, indices["twin"], cfg, scale,
+                    o_slc, o_win, plan)
+    valid = qsl[-1]
+    torch.testing.assert_close(lses["triton"][:valid], lses["twin"][:valid], atol=1e-5,
+                               rtol=1e-5)
+    assert torch.equal(indices["triton"], indices["twin"])
+    assert not outputs["triton"].isnan().any()
+    torch.testing.assert_close(outputs["triton"], outputs["twin"], atol=2e-5, rtol=1e-5)

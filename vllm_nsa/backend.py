@@ -1,8 +1,8 @@
 """NSA attention backend for vLLM 0.32 (reads top-down like vLLM's triton_attn.py):
 parameters -> cache layout -> metadata dataclass -> builder -> backend class -> impl.
 
-The math lives in `vllm_nsa.kernels` (torch path `paged`, Triton path `triton_nsa`, same
-signatures); this module only adapts vLLM's interfaces to it. All vLLM-version-specific
+The math lives in `vllm_nsa.kernels` (torch path `paged`, Triton path `triton`, the same
+stage functions and signatures); this module only adapts vLLM's interfaces to it. All vLLM-version-specific
 calls of the backend are in this file.
 
 Two modes share every branch:
@@ -137,10 +137,11 @@ def split_kv_cache(kv_cache: torch.Tensor, head_size: int, compress_stride: int
 
 
 def paged_ops(device: torch.device):
-    """The kernel module for this device: Triton on CUDA, the torch twin elsewhere."""
+    """The stage functions for this device: Triton on CUDA, the torch twin elsewhere (same
+    names and signatures)."""
     if device.type == "cuda":
-        from vllm_nsa.kernels import triton_nsa
-        return triton_nsa
+        from vllm_nsa.kernels import triton
+        return triton
     from vllm_nsa.kernels import paged
     return paged
 
@@ -150,7 +151,7 @@ def paged_ops(device: torch.device):
 class NSAAttentionMetadata:
     num_actual_tokens: int
     max_query_len: int
-    max_seq_len: int
+    scan_bound: int                 # tokens every seq_len is at most (sizes kernel launches)
     query_start_loc: torch.Tensor   # [R+1] int32
     seq_lens: torch.Tensor          # [R] int32, tokens in the cache after this step
     block_table: torch.Tensor       # [R, max_pages] int32
@@ -159,7 +160,9 @@ class NSAAttentionMetadata:
     emit_req: torch.Tensor
     emit_index: torch.Tensor
     num_decodes: int                # decode requests come first (reorder threshold 1)
-    num_decode_tokens: int
+    # The step's kernel launch plan, made by the first NSA layer's forward and reused by
+    # every other layer of the step (same shapes, same scratch).
+    plan: object = None
 
 
 def compressed_to_emit(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
@@ -289,7 +292,7 @@ class NSAMetadataBuilder(AttentionMetadataBuilder[NSAAttentionMetadata]):
             max_query_len=md.max_query_len,
             # Decode kernels size their scan from this bound: the capacity (what the CUDA
             # graphs were captured with) keeps eager decode on the same compiled variants.
-            max_seq_len=self.max_model_len if md.max_query_len == 1 else md.max_seq_len,
+            scan_bound=self.max_model_len if md.max_query_len == 1 else md.max_seq_len,
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
             block_table=md.block_table_tensor[:num_reqs],
@@ -297,7 +300,6 @@ class NSAMetadataBuilder(AttentionMetadataBuilder[NSAAttentionMetadata]):
             emit_req=emit_req,
             emit_index=emit_index,
             num_decodes=num_decodes,
-            num_decode_tokens=num_decodes,
         )
 
     @staticmethod
@@ -412,22 +414,7 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
                            slot_mapping: torch.Tensor) -> None:
         key_cache, value_cache, _, _ = split_kv_cache(kv_cache, self.head_size,
                                                       self.config.compress_stride)
-        if key.device.type == "cuda":
-            # vLLM's store kernel takes strided pages and skips slot -1 (padding) on the
-            # device: graph-safe, unlike the masked indexing below.
-            from vllm.v1.attention.ops.triton_reshape_and_cache_flash import (
-                triton_reshape_and_cache_flash)
-            triton_reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
-                                           self.kv_cache_dtype, layer._k_scale,
-                                           layer._v_scale)
-            return
-        num_tokens = slot_mapping.shape[0]
-        valid = slot_mapping[:num_tokens] >= 0      # -1: padding tokens
-        slots = slot_mapping[valid].long()
-        page_size = key_cache.shape[1]
-        pages, offsets = slots // page_size, slots % page_size
-        key_cache[pages, offsets] = key[:num_tokens][valid].to(key_cache.dtype)
-        value_cache[pages, offsets] = value[:num_tokens][valid].to(value_cache.dtype)
+        paged_ops(key.device).write_kv(key, value, key_cache, value_cache, slot_mapping)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor,
@@ -442,18 +429,20 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
         ops = paged_ops(query.device)
         caches = split_kv_cache(kv_cache, self.head_size, self.config.compress_stride)
         # The raw K/V of this step are in the cache (do_kv_cache_update ran first); emit
-        # the compressed entries they complete before any branch reads them.
-        ops.compress_paged(*caches, md.block_table, md.emit_req, md.emit_index, self.config)
+        # the compressed entries they complete before any stage reads them.
+        ops.compress(*caches, md.block_table, md.emit_req, md.emit_index, self.config)
         num_tokens = md.num_actual_tokens
         if self.gated:
             out = output.view(-1, self.num_heads, 3, output.shape[-1])[:num_tokens]
         else:
             out = output[:num_tokens]
-        # Size hints for the Triton launch grids; under capture vLLM passes bounds valid
-        # for every replay (max_seq_len = max_model_len).
-        hints = (dict(max_query_len=md.max_query_len, max_seq_len=md.max_seq_len)
-                 if query.device.type == "cuda" else {})
-        ops.nsa_paged_attention(query[:num_tokens], *caches, md.block_table,
-                                md.query_start_loc, md.seq_lens, self.config, self.scale,
-                                out, self.gated, **hints)
+        query = query[:num_tokens]
+        if md.plan is None:
+            # Under capture vLLM's bounds hold for every replay (scan_bound: max_model_len).
+            md.plan = ops.make_plan(query, caches[0], caches[1], md.block_table,
+                                    md.query_start_loc, self.config, self.gated,
+                                    max_query_len=md.max_query_len, scan_bound=md.scan_bound)
+        ops.nsa_paged_attention(query, *caches, md.block_table, md.query_start_loc,
+                                md.seq_lens, self.config, self.scale, out, self.gated,
+                                md.plan)
         return output

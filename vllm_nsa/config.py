@@ -8,6 +8,9 @@ import dataclasses
 from typing import Any, Mapping
 
 COMPRESS_OPS = ("mean",)
+# The gated mode's branch outputs, in this order everywhere ([..., 3, Dv] buffers, gates).
+BRANCHES = ("cmp", "slc", "win")
+
 
 
 class NSAConfigError(ValueError):
@@ -68,12 +71,24 @@ class NSAConfig:
                 f"NSA compress_op={self.compress_op!r} is not supported; "
                 f"supported: {', '.join(COMPRESS_OPS)}")
 
-    # -- derived quantities used by every implementation ---------------------------
-    def num_compressed(self, num_tokens: int) -> int:
-        """Compressed tokens complete among positions 0..num_tokens-1 (C(t) with t = num_tokens-1)."""
-        if num_tokens < self.compress_block:
-            return 0
-        return (num_tokens - self.compress_block) // self.compress_stride + 1
+    # -- geometry: the one owner of these facts (the Triton kernels mirror them in jit
+    # helpers: kernels/triton/common.py) ----------------------------------------------
+    def num_compressed(self, num_tokens):
+        """C: compressed entries complete among positions 0..num_tokens-1 (the spec's C(t)
+        with t = num_tokens - 1). Works on ints and on integer tensors."""
+        since = num_tokens - self.compress_block
+        return (since >= 0) * (since // self.compress_stride + 1)
+
+    def compressed_entry_end(self, index):
+        """Last raw position of compressed entry i (window [i*d, i*d + l)); the entry is
+        stored in the page of this token (kernels/README.md, "Paged cache layout")."""
+        return index * self.compress_stride + self.compress_block - 1
+
+    @property
+    def compressed_slot_offset(self) -> int:
+        """Flattened compressed-cache index of entry 0 over a request's pages (entry i is
+        at i + this): entry i's last token i*d + l - 1 lies in slot (i*d + l - 1) // d."""
+        return self.compress_block // self.compress_stride - 1
 
     def num_select_blocks(self, num_tokens: int) -> int:
         return -(-num_tokens // self.select_block)

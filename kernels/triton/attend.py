@@ -1,0 +1,192 @@
+"""attend: exact attention over the selected blocks' raw tokens, then the sliding window.
+Merged mode skips window tiles whose selection block was already attended (no position
+counted twice) and keeps one accumulator; gated mode keeps the window as its own branch.
+Twin: paged.attend / reference.attend."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_nsa.config import NSAConfig
+from vllm_nsa.kernels.triton.combine import combine
+from vllm_nsa.kernels.triton.common import (
+    LOG2E,
+    normalise,
+    online_softmax_step,
+    request_of,
+    store_partial,
+)
+from vllm_nsa.kernels.triton.plan import StepPlan, pow2
+
+
+@triton.jit
+def _attend_tile(q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions, ok,
+                 kv_head, kc_page, kc_slot, kc_head, vc_page, vc_slot, vc_head, qk_scale,
+                 row_max, row_sum, acc,
+                 PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over raw positions (masked by `ok`) read through the table."""
+    pages = tl.load(table_ptr + req * table_row + positions // PAGE_SIZE, mask=ok,
+                    other=0).to(tl.int64)
+    slots = positions % PAGE_SIZE
+    d = tl.arange(0, D)
+    keys = tl.load(key_cache_ptr + pages[:, None] * kc_page + slots[:, None] * kc_slot
+                   + kv_head * kc_head + d[None, :], mask=ok[:, None], other=0.0)
+    dv = tl.arange(0, DV)
+    values = tl.load(value_cache_ptr + pages[:, None] * vc_page + slots[:, None] * vc_slot
+                     + kv_head * vc_head + dv[None, :], mask=ok[:, None], other=0.0)
+    scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * qk_scale
+    scores = tl.where(ok[None, :], scores, float("-inf"))
+    return online_softmax_step(scores, values, row_max, row_sum, acc, True, DOT_PRECISION)
+
+
+@triton.jit
+def _finish_set(out_ptrs, part_max_ptr, part_sum_ptr, part_acc_ptr, part, row_max, row_sum,
+                acc, row_valid, DV: tl.constexpr, SPLITS: tl.constexpr):
+    """One branch set's result: normalised into its output, or this split's partial."""
+    if SPLITS == 1:
+        tl.store(out_ptrs, normalise(acc, row_sum).to(out_ptrs.dtype.element_ty),
+                 mask=row_valid[:, None])
+    else:
+        store_partial(part_max_ptr, part_sum_ptr, part_acc_ptr, part, row_max, row_sum, acc,
+                      row_valid, DV, True)
+
+
+@triton.jit(do_not_specialize=["num_reqs"])
+def _attend_kernel(
+        q_ptr,              # [N, HQ, D]
+        key_cache_ptr,      # [P, page_size, H, D]
+        value_cache_ptr,    # [P, page_size, H, DV]
+        table_ptr,          # [R, max_pages] int32
+        qsl_ptr,            # [R+1] int32 query_start_loc
+        seq_lens_ptr,       # [R] int32
+        indices_ptr,        # [N, H, TOPK] int32 selected blocks, ascending, -1 padded
+        out_ptr,            # [N, HQ, DV] view: o_slc (gated) or the merged output
+        part_max_ptr,       # [N, HQ, SETS, SPLITS] (split)
+        part_sum_ptr,       # [N, HQ, SETS, SPLITS] (split)
+        part_acc_ptr,       # [N, HQ, SETS, SPLITS, DV] (split)
+        # strides (elements); out_set: o_win's distance from o_slc (gated)
+        q_tok, q_head, kc_page, kc_slot, kc_head, vc_page, vc_slot, vc_head, table_row,
+        out_tok, out_head, out_set,
+        num_reqs, num_heads, num_kv_heads,
+        qk_scale,           # softmax scale * log2(e)
+        G: tl.constexpr,
+        ROWS: tl.constexpr,     # G padded to >= 16 rows for tl.dot
+        D: tl.constexpr, DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        SELECT_BLOCK: tl.constexpr,
+        BLOCK_K: tl.constexpr,  # keys per tile
+        TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, WINDOW: tl.constexpr,
+        STEPS_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, GATED: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Grid (N, H, SPLITS): one program owns one token x the G query heads of one KV head
+    and the split'th range of its tile list (TOPK * l'/BLOCK_K selected tiles, then the
+    window's tiles). Sets: 0 = selected (+ window when merged), 1 = window (gated).
+    Mirrors paged.attend."""
+    token = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    req = request_of(qsl_ptr, num_reqs, token)
+    if req < 0:
+        return
+    q_begin = tl.load(qsl_ptr + req)
+    q_len = tl.load(qsl_ptr + req + 1) - q_begin
+    position = tl.load(seq_lens_ptr + req) - q_len + (token - q_begin)
+    rows = tl.arange(0, ROWS)
+    row_valid = rows < G
+    head = kv_head * G + rows
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + token * q_tok + head[:, None] * q_head + d[None, :],
+                mask=row_valid[:, None], other=0.0)
+    index_base = indices_ptr + (token * num_kv_heads + kv_head) * TOPK
+    topk_offs = tl.arange(0, TOPK_PAD)
+    selected = tl.load(index_base + topk_offs, mask=topk_offs < TOPK, other=-1)
+    key_offs = tl.arange(0, BLOCK_K)
+    dv = tl.arange(0, DV)
+    out_ptrs = out_ptr + token * out_tok + head[:, None] * out_head + dv[None, :]
+    SETS: tl.constexpr = 1 + GATED
+    part = ((token * num_heads + head) * SETS) * SPLITS + split
+
+    SUB: tl.constexpr = SELECT_BLOCK // BLOCK_K
+    step_lo = split * STEPS_PER_SPLIT
+    step_hi = step_lo + STEPS_PER_SPLIT
+    row_max = tl.full([ROWS], float("-inf"), tl.float32)
+    row_sum = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, DV], tl.float32)
+    # Branch-free tiles so Triton can pipeline the loop; a padding block (-1) has only
+    # negative positions and is fully masked.
+    for step in range(step_lo, tl.minimum(step_hi, TOPK * SUB)):
+        block = tl.load(index_base + step // SUB)
+        positions = block.to(tl.int64) * SELECT_BLOCK + (step % SUB) * BLOCK_K + key_offs
+        row_max, row_sum, acc = _attend_tile(
+            q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions,
+            (positions >= 0) & (positions <= position), kv_head, kc_page, kc_slot, kc_head,
+            vc_page, vc_slot, vc_head, qk_scale, row_max, row_sum, acc,
+            PAGE_SIZE, D, DV, DOT_PRECISION)
+    if GATED:
+        _finish_set(out_ptrs, part_max_ptr, part_sum_ptr, part_acc_ptr, part, row_max,
+                    row_sum, acc, row_valid, DV, SPLITS)
+        row_max = tl.full([ROWS], float("-inf"), tl.float32)
+        row_sum = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, DV], tl.float32)
+    if WINDOW > 0:
+        window_first = tl.maximum(position - WINDOW + 1, 0)
+        first_tile = window_first // BLOCK_K
+        last_tile = position // BLOCK_K
+        window_lo = tl.maximum(step_lo - TOPK * SUB, 0)
+        for tile in range(first_tile + window_lo,
+                          tl.minimum(first_tile + step_hi - TOPK * SUB, last_tile + 1)):
+            first = tile * BLOCK_K
+            if GATED:
+                times_attended = 0
+            else:
+                # Merged mode: a tile of an already attended selection block adds nothing.
+                times_attended = tl.sum((selected == first // SELECT_BLOCK).to(tl.int32),
+                                        axis=0)
+            if times_attended == 0:
+                positions = first + key_offs
+                row_max, row_sum, acc = _attend_tile(
+                    q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions,
+                    (positions >= window_first) & (positions <= position), kv_head,
+                    kc_page, kc_slot, kc_head, vc_page, vc_slot, vc_head, qk_scale,
+                    row_max, row_sum, acc, PAGE_SIZE, D, DV, DOT_PRECISION)
+    last_set = SETS - 1
+    _finish_set(out_ptrs + last_set * out_set, part_max_ptr, part_sum_ptr, part_acc_ptr,
+                part + last_set * SPLITS, row_max, row_sum, acc, row_valid, DV, SPLITS)
+
+
+def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+           block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+           block_indices: torch.Tensor, config: NSAConfig, scale: float,
+           o_slc: torch.Tensor, o_win: torch.Tensor | None, plan: StepPlan) -> None:
+    """Selected blocks + sliding window into o_slc (merged) or o_slc and o_win (gated).
+    See paged.attend."""
+    if plan.num_tokens == 0:
+        return
+    gated = o_win is not None
+    if gated and (o_win.stride(0), o_win.stride(1)) != (o_slc.stride(0), o_slc.stride(1)):
+        raise ValueError("o_slc and o_win must be views of one [N, HQ, 3, Dv] output")
+    out_set = (o_win.data_ptr() - o_slc.data_ptr()) // o_slc.element_size() if gated else 0
+    parts = plan.attend_parts
+    split = parts is not None
+    _attend_kernel[(plan.num_tokens, plan.num_kv_heads, plan.attend_splits)](
+        q_ptr=q, key_cache_ptr=key_cache, value_cache_ptr=value_cache, table_ptr=block_table,
+        qsl_ptr=query_start_loc, seq_lens_ptr=seq_lens, indices_ptr=block_indices,
+        out_ptr=o_slc,
+        part_max_ptr=parts.row_max if split else None,
+        part_sum_ptr=parts.row_sum if split else None,
+        part_acc_ptr=parts.acc if split else None,
+        q_tok=q.stride(0), q_head=q.stride(1),
+        kc_page=key_cache.stride(0), kc_slot=key_cache.stride(1), kc_head=key_cache.stride(2),
+        vc_page=value_cache.stride(0), vc_slot=value_cache.stride(1),
+        vc_head=value_cache.stride(2), table_row=block_table.stride(0),
+        out_tok=o_slc.stride(0), out_head=o_slc.stride(1), out_set=out_set,
+        num_reqs=plan.num_reqs, num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads,
+        qk_scale=scale * LOG2E.value,
+        G=plan.group, ROWS=plan.attend_rows, D=plan.head_dim, DV=plan.value_dim,
+        PAGE_SIZE=plan.page_size, SELECT_BLOCK=config.select_block, BLOCK_K=plan.block_k,
+        TOPK=config.select_topk, TOPK_PAD=pow2(config.select_topk), WINDOW=config.window,
+        STEPS_PER_SPLIT=-(-plan.attend_steps // plan.attend_splits),
+        SPLITS=plan.attend_splits, GATED=gated, DOT_PRECISION=plan.dot_precision)
+    if split:
+        combine(parts, query_start_loc, o_slc, out_set, None)

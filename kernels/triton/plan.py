@@ -1,0 +1,189 @@
+"""The launch plan of one step: tile shapes, split counts and scratch buffers of every
+stage, computed once from host-known sizes (tensor shapes, config, hints) — no host syncs
+and no data-dependent allocation, so a decode step can be captured in a CUDA graph.
+
+The backend builds one plan per step (the first layer's forward) and every NSA layer of the
+step reuses it (same shapes, same scratch buffers, consumed in stream order).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vllm_nsa.config import NSAConfig
+
+# Rows of a query tile in the tensor-core dots (tl.dot needs >= 16).
+MIN_ROWS = 16
+
+
+def pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 16
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fill_splits(busy_programs: int, max_work_items: int, device: torch.device) -> int:
+    """Programs per unit of work so about 4 waves of programs fill the GPU. Powers of two
+    only: the split count is a compile-time constant, so new batch shapes and context
+    lengths reuse a handful of compiled kernels (splits left without work cost nothing)."""
+    wanted = -(-4 * num_sms(device) // max(1, busy_programs))
+    return pow2(max(1, min(max_work_items, wanted)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must score blocks exactly as the fp32 reference does (tf32 would reorder
+    # near-ties); half types go through the tensor cores as they are.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@dataclasses.dataclass
+class Partials:
+    """Online-softmax partials of programs that split one row's keys, merged by `combine`:
+    [N, HQ, sets, splits] running max and sum (base 2) and [..., Dv] unnormalised output
+    (None when only the LSE is wanted)."""
+    row_max: torch.Tensor
+    row_sum: torch.Tensor
+    acc: torch.Tensor | None
+
+    @classmethod
+    def empty(cls, num_tokens: int, num_heads: int, sets: int, splits: int, value_dim: int,
+              with_values: bool, device: torch.device) -> "Partials":
+        f32 = dict(dtype=torch.float32, device=device)
+        row_max = torch.empty((num_tokens, num_heads, sets, splits), **f32)
+        acc = torch.empty((*row_max.shape, value_dim), **f32) if with_values else None
+        return cls(row_max, torch.empty_like(row_max), acc)
+
+    @property
+    def splits(self) -> int:
+        return self.row_max.shape[-1]
+
+
+@dataclasses.dataclass
+class StepPlan:
+    # batch
+    num_tokens: int
+    num_reqs: int
+    num_heads: int
+    num_kv_heads: int
+    group: int               # G: query heads per KV head
+    group_pad: int           # GP: G padded to a power of two (rows per token in a tile)
+    head_dim: int
+    value_dim: int
+    page_size: int
+    decode: bool             # one query token per request: tile r is request r
+    dot_precision: str
+    # score + select: query tiles of block_t tokens x GP heads over the compressed keys
+    block_t: int
+    num_q_tiles: int
+    tile_req: torch.Tensor | None    # [num_q_tiles] int32 request (-1 unused); None: decode
+    tile_qoff: torch.Tensor | None   # [num_q_tiles] int32 first query offset in the request
+    scan_bound: int          # tokens every seq_len is at most (sizes the decode scan)
+    select_tile_blocks: int  # BB: selection blocks per scan tile
+    select_tile_entries: int  # BC: compressed entries per scan tile (BB * l' / d)
+    scan_tiles: int          # scan tiles covering scan_bound
+    scan_splits: int         # programs sharing one query tile's scan
+    tiles_per_split: int
+    num_blocks_pad: int      # decode block-score row length (power of two)
+    lse: torch.Tensor        # [N, HQ] float32: the score stage's output
+    score_parts: Partials | None     # scan split: partials for combine
+    block_scores: torch.Tensor | None    # decode: [N, H, num_blocks_pad] per-block scores
+    select_candidates: torch.Tensor | None  # prefill scan split: [N, H, splits, BB] top keys
+    # attend: selected tiles then window tiles of block_k keys, per (token, KV head)
+    attend_rows: int
+    block_k: int
+    attend_steps: int
+    attend_splits: int
+    attend_parts: Partials | None    # attend split: [N, HQ, sets, splits] (sets: 1 or 2)
+
+
+def query_tiles(query_start_loc: torch.Tensor, num_tokens: int, block_t: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiles of block_t consecutive query tokens of one request: (request or -1, first query
+    offset) for a grid sized from host-known numbers only (no sync)."""
+    num_reqs = query_start_loc.shape[0] - 1
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).to(torch.int64)
+    tiles_per_req = (q_lens + block_t - 1) // block_t
+    tile_end = torch.cumsum(tiles_per_req, 0)
+    max_tiles = -(-num_tokens // block_t) + num_reqs
+    tile_ids = torch.arange(max_tiles, device=query_start_loc.device)
+    req = torch.searchsorted(tile_end, tile_ids, right=True)
+    valid = req < num_reqs
+    req = req.clamp(max=num_reqs - 1)
+    first_tile = tile_end[req] - tiles_per_req[req]
+    tile_req = torch.where(valid, req, -1).to(torch.int32)
+    tile_qoff = ((tile_ids - first_tile) * block_t).to(torch.int32)
+    return tile_req, tile_qoff
+
+
+def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+              block_table: torch.Tensor, query_start_loc: torch.Tensor, config: NSAConfig,
+              gated: bool, *,
+              max_query_len: int | None = None, scan_bound: int | None = None,
+              num_splits: int | None = None) -> StepPlan:
+    """The plan of one step. Hints (host ints, CUDA-graph safe): max_query_len (1 = all
+    decodes: one tile per request), scan_bound (must bound every seq_len; default: the
+    block table's capacity), num_splits (programs sharing one row's scan and its
+    attention; default: enough to fill the GPU)."""
+    num_tokens, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = key_cache.shape
+    value_dim = value_cache.shape[3]
+    device = q.device
+    num_reqs = query_start_loc.shape[0] - 1
+    group = num_heads // num_kv_heads
+    group_pad = pow2(group)
+    decode = (max_query_len == 1) if max_query_len is not None else num_tokens <= num_reqs
+    if scan_bound is None:
+        scan_bound = block_table.shape[1] * page_size
+    f32 = dict(dtype=torch.float32, device=device)
+
+    # score + select: all rows of a program share the compressed-key loads.
+    block_t = max(1, MIN_ROWS // group_pad) if decode else max(1, 64 // group_pad)
+    tile_blocks = max(pow2(config.select_topk), 16)
+    tile_entries = tile_blocks * config.select_block // config.compress_stride
+    scan_tiles = -(-config.num_select_blocks(scan_bound) // tile_blocks)
+    if decode:
+        tile_req = tile_qoff = None
+        num_q_tiles = num_reqs
+        busy_tiles = num_reqs
+    else:
+        tile_req, tile_qoff = query_tiles(query_start_loc, num_tokens, block_t)
+        num_q_tiles = tile_req.shape[0]
+        busy_tiles = min(num_q_tiles, -(-num_tokens // block_t))
+    scan_splits = num_splits or fill_splits(num_kv_heads * max(1, busy_tiles), scan_tiles,
+                                            device)
+    num_blocks_pad = pow2(scan_tiles * tile_blocks)
+    score_parts = (Partials.empty(num_tokens, num_heads, 1, scan_splits, value_dim, gated,
+                                  device) if scan_splits > 1 else None)
+    select_candidates = None
+    if scan_splits > 1 and not decode:
+        select_candidates = torch.empty((num_tokens, num_kv_heads, scan_splits, tile_blocks),
+                                        dtype=torch.int64, device=device)
+
+    # attend: selected tiles then window tiles, split across programs when there are too
+    # few (token, KV head) pairs to fill the GPU (decode).
+    block_k = min(config.select_block, 64)
+    window_tiles = (config.window - 1) // block_k + 2 if config.window else 0
+    attend_steps = config.select_topk * (config.select_block // block_k) + window_tiles
+    attend_splits = num_splits or fill_splits(num_tokens * num_kv_heads, attend_steps, device)
+    attend_parts = (Partials.empty(num_tokens, num_heads, 2 if gated else 1, attend_splits,
+                                   value_dim, True, device) if attend_splits > 1 else None)
+    return StepPlan(
+        num_tokens=num_tokens, num_reqs=num_reqs, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, group=group, group_pad=group_pad, head_dim=head_dim,
+        value_dim=value_dim, page_size=page_size, decode=decode,
+        dot_precision=dot_precision(q.dtype), block_t=block_t, num_q_tiles=num_q_tiles,
+        tile_req=tile_req, tile_qoff=tile_qoff, scan_bound=scan_bound,
+        select_tile_blocks=tile_blocks, select_tile_entries=tile_entries,
+        scan_tiles=scan_tiles, scan_splits=scan_splits,
+        tiles_per_split=-(-scan_tiles // scan_splits), num_blocks_pad=num_blocks_pad,
+        lse=torch.empty((num_tokens, num_heads), **f32), score_parts=score_parts,
+        block_scores=(torch.empty((num_tokens, num_kv_heads, num_blocks_pad), **f32)
+                      if decode else None),
+        select_candidates=select_candidates, attend_rows=max(MIN_ROWS, group_pad),
+        block_k=block_k, attend_steps=attend_steps, attend_splits=attend_splits,
+        attend_parts=attend_parts)

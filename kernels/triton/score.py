@@ -1,0 +1,141 @@
+"""score: compressed attention of every query row over its C(t) visible compressed keys,
+giving the row's LSE (and o_cmp in gated mode). Twin: paged.score / reference.score."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_nsa.config import NSAConfig
+from vllm_nsa.kernels.triton.combine import combine
+from vllm_nsa.kernels.triton.common import (
+    LN2,
+    LOG2E,
+    compressed_entries,
+    log2_sum_exp,
+    normalise,
+    num_compressed,
+    online_softmax_step,
+    store_partial,
+    tile_request,
+    tile_rows,
+)
+from vllm_nsa.kernels.triton.plan import StepPlan
+
+
+@triton.jit(do_not_specialize=["tiles_per_split"])
+def _score_kernel(
+        q_ptr,              # [N, HQ, D]
+        cmp_key_ptr,        # [P, page_size / d, H, D]
+        cmp_value_ptr,      # [P, page_size / d, H, DV] (read when WRITE_CMP)
+        table_ptr,          # [R, max_pages] int32
+        tile_req_ptr,       # [tiles] int32 request of each query tile (None: decode)
+        tile_qoff_ptr,      # [tiles] int32 first query offset of each tile (None: decode)
+        qsl_ptr,            # [R+1] int32 query_start_loc
+        seq_lens_ptr,       # [R] int32
+        lse_ptr,            # [N, HQ] float32 natural-log LSE (unsplit)
+        o_cmp_ptr,          # [N, HQ, DV] view (unsplit, WRITE_CMP)
+        part_max_ptr,       # [N, HQ, 1, SPLITS] (split)
+        part_sum_ptr,       # [N, HQ, 1, SPLITS] (split)
+        part_acc_ptr,       # [N, HQ, 1, SPLITS, DV] (split, WRITE_CMP)
+        # strides (elements)
+        q_tok, q_head, ck_page, ck_slot, ck_head, cv_page, cv_slot, cv_head, table_row,
+        o_tok, o_head,
+        num_heads,
+        tiles_per_split,    # scan tiles of BC entries per split
+        qk_scale,           # softmax scale * log2(e)
+        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr,
+        D: tl.constexpr, DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        COMPRESS_STRIDE: tl.constexpr, COMPRESS_BLOCK: tl.constexpr,
+        BC: tl.constexpr,   # compressed entries per scan tile
+        SPLITS: tl.constexpr, DECODE: tl.constexpr, WRITE_CMP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Grid (query tiles, H, SPLITS): one program owns a tile of BLOCK_T query tokens x the
+    G query heads of one KV head, and the split'th range of its compressed keys; online
+    softmax over them. Unsplit it writes LSE (and o_cmp); split it writes partials that
+    `combine` merges. Mirrors paged.score."""
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    req, q_off = tile_request(tile_req_ptr, tile_qoff_ptr, tile, DECODE)
+    if req < 0:
+        return
+    q_len, context, token, group_head, position, row_valid, last_position = \
+        tile_rows(qsl_ptr, seq_lens_ptr, req, q_off, G, GP, BLOCK_T)
+    head = kv_head * G + group_head
+    token64 = token.to(tl.int64)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + token64[:, None] * q_tok + head[:, None] * q_head + d[None, :],
+                mask=row_valid[:, None], other=0.0)
+    num_visible = num_compressed(last_position, COMPRESS_BLOCK, COMPRESS_STRIDE)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, tl.cdiv(num_visible, BC))
+    row_max = tl.full([BLOCK_T * GP], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_T * GP], tl.float32)
+    acc = tl.zeros([BLOCK_T * GP, DV], tl.float32)
+    for c in range(tile_lo, tile_hi):
+        entries = c * BC + tl.arange(0, BC)
+        entry_ok = entries < num_visible
+        keys = compressed_entries(cmp_key_ptr, table_ptr, req, table_row, entries, entry_ok,
+                                  kv_head, ck_page, ck_slot, ck_head, PAGE_SIZE,
+                                  COMPRESS_STRIDE, COMPRESS_BLOCK, D)
+        scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * qk_scale
+        visible = ((entries[None, :] * COMPRESS_STRIDE + COMPRESS_BLOCK - 1
+                    <= position[:, None]) & entry_ok[None, :])
+        scores = tl.where(visible, scores, float("-inf"))
+        values = keys
+        if WRITE_CMP:
+            values = compressed_entries(cmp_value_ptr, table_ptr, req, table_row, entries,
+                                        entry_ok, kv_head, cv_page, cv_slot, cv_head,
+                                        PAGE_SIZE, COMPRESS_STRIDE, COMPRESS_BLOCK, DV)
+        row_max, row_sum, acc = online_softmax_step(scores, values, row_max, row_sum, acc,
+                                                    WRITE_CMP, DOT_PRECISION)
+    if SPLITS == 1:
+        tl.store(lse_ptr + token64 * num_heads + head, log2_sum_exp(row_max, row_sum) * LN2,
+                 mask=row_valid)
+        if WRITE_CMP:
+            dv = tl.arange(0, DV)
+            tl.store(o_cmp_ptr + token64[:, None] * o_tok + head[:, None] * o_head
+                     + dv[None, :], normalise(acc, row_sum).to(o_cmp_ptr.dtype.element_ty),
+                     mask=row_valid[:, None])
+    else:
+        store_partial(part_max_ptr, part_sum_ptr, part_acc_ptr,
+                      (token64 * num_heads + head) * SPLITS + split, row_max, row_sum, acc,
+                      row_valid, DV, WRITE_CMP)
+
+
+def score(q: torch.Tensor, cmp_key_cache: torch.Tensor, cmp_value_cache: torch.Tensor,
+          block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+          config: NSAConfig, scale: float, o_cmp: torch.Tensor | None, plan: StepPlan
+          ) -> torch.Tensor:
+    """Compressed attention: returns plan.lse [N, HQ] (natural log) and writes o_cmp when
+    given (gated). See paged.score."""
+    if plan.num_tokens == 0:
+        return plan.lse
+    parts = plan.score_parts
+    split = parts is not None
+    _score_kernel[(plan.num_q_tiles, plan.num_kv_heads, plan.scan_splits)](
+        q_ptr=q, cmp_key_ptr=cmp_key_cache, cmp_value_ptr=cmp_value_cache,
+        table_ptr=block_table, tile_req_ptr=plan.tile_req, tile_qoff_ptr=plan.tile_qoff,
+        qsl_ptr=query_start_loc, seq_lens_ptr=seq_lens,
+        lse_ptr=None if split else plan.lse, o_cmp_ptr=None if split else o_cmp,
+        part_max_ptr=parts.row_max if split else None,
+        part_sum_ptr=parts.row_sum if split else None,
+        part_acc_ptr=parts.acc if split else None,
+        q_tok=q.stride(0), q_head=q.stride(1),
+        ck_page=cmp_key_cache.stride(0), ck_slot=cmp_key_cache.stride(1),
+        ck_head=cmp_key_cache.stride(2),
+        cv_page=cmp_value_cache.stride(0), cv_slot=cmp_value_cache.stride(1),
+        cv_head=cmp_value_cache.stride(2), table_row=block_table.stride(0),
+        o_tok=o_cmp.stride(0) if o_cmp is not None else 0,
+        o_head=o_cmp.stride(1) if o_cmp is not None else 0,
+        num_heads=plan.num_heads, tiles_per_split=plan.tiles_per_split,
+        qk_scale=scale * LOG2E.value,
+        G=plan.group, GP=plan.group_pad, BLOCK_T=plan.block_t, D=plan.head_dim,
+        DV=plan.value_dim, PAGE_SIZE=plan.page_size,
+        COMPRESS_STRIDE=config.compress_stride, COMPRESS_BLOCK=config.compress_block,
+        BC=plan.select_tile_entries, SPLITS=plan.scan_splits, DECODE=plan.decode,
+        WRITE_CMP=o_cmp is not None, DOT_PRECISION=plan.dot_precision)
+    if split:
+        combine(parts, query_start_loc, o_cmp, 0, plan.lse)
+    return plan.lse
