@@ -61,12 +61,12 @@ PROFILE_STEPS = 16
 DECODE_ROUNDS = 3   # timed (cached pass, decode) pairs per context, after one warm-up
 # Kernel-name fragments -> the group a profiled kernel's time is reported under.
 KERNEL_GROUPS = (
-    ("NSA compressed scan", ("_compressed_scan_kernel",)),
-    ("NSA block selection", ("_block_select_kernel", "_merge_topk_kernel",
-                             "_select_topk_kernel")),
-    ("NSA selection+window attention", ("_sparse_attention_kernel", "_combine_splits_kernel")),
-    ("NSA compression", ("_compress_kernel",)),
-    ("KV-cache write", ("reshape_and_cache",)),   # before FlashAttention: "..._flash"
+    ("NSA score", ("_score_kernel",)),
+    ("NSA select", ("_select_kernel", "_merge_topk_kernel", "_select_decode_kernel")),
+    ("NSA attend", ("_attend_kernel",)),
+    ("NSA combine", ("_combine_kernel",)),
+    ("NSA compress", ("_compress_kernel",)),
+    ("KV-cache write", ("reshape_and_cache", "_write_kv_kernel")),   # FA's: "..._flash"
     ("FlashAttention", ("flash", "fmha")),
     ("GEMM", ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "splitk")),
     ("sampling", ("sample", "topk", "top_k", "argmax", "softmax", "gumbel")),

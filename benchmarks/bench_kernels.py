@@ -444,6 +444,8 @@ def main():
     RESULTS["device"] = torch.cuda.get_device_name()
     RESULTS["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     RESULTS["versions"] = dict(torch=torch.__version__, triton=triton.__version__)
+    # The GPU machine gets the work tree without .git: the caller passes the commit.
+    RESULTS["git_commit"] = os.environ.get("GIT_COMMIT", "unknown")
     RESULTS["config"] = dict(l=CFG.compress_block, d=CFG.compress_stride, lp=CFG.select_block,
                              n=CFG.select_topk, w=CFG.window, D=D, page=PAGE, dtype=str(DT))
     log(f"device {RESULTS['device']}  torch {torch.__version__}  triton {triton.__version__}")

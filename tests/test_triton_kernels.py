@@ -18,7 +18,7 @@ from vllm_nsa.kernels import triton as triton_nsa
 from vllm_nsa.kernels.pipeline import output_views
 from vllm_nsa.kernels.reference import combine_gated
 from vllm_nsa.kernels.triton.attend import _attend_kernel
-from vllm_nsa.kernels.triton.select import _select_topk_kernel
+from vllm_nsa.kernels.triton.select import _select_decode_kernel
 
 # conftest.py collects this module only when TRITON_INTERPRET=1 was set before Python
 # started (`make test` runs it as its own pytest process): Triton decides at import time.
@@ -144,26 +144,37 @@ def test_decode_batch_with_hint(gated):
     torch.testing.assert_close(out[:num_real], twin_out[:num_real], atol=2e-5, rtol=1e-5)
 
 
-def test_decode_top_n_with_ties():
-    """_select_topk_kernel against a sort: heavy ties (to the lower block), forced blocks
-    (+inf, more of them than n), rows with fewer candidates than n (-1 padded)."""
-    topk, num_blocks, select_block = 5, 64, 16
+def test_decode_top_n_with_ties_and_nan():
+    """_select_decode_kernel's top-n against a sort, with importance planted through the
+    block sums (G = 1, LSE = tile max = 0): heavy ties (to the lower block), +inf blocks
+    (more of them than n), NaN scores (rank as 0, never overfill a row), rows with fewer
+    candidates than n (-1 padded), and rows longer than one chunk of the bisection."""
+    topk, blocks_row, select_block, chunk = 5, 64, 16, 16
     gen = torch.Generator().manual_seed(5)
-    seq_lens = torch.tensor([1, 48, 165, 1000, 1024, 17], dtype=torch.int32)
+    seq_lens = torch.tensor([1, 48, 165, 1000, 1024, 17, 700], dtype=torch.int32)
     num_tokens, num_kv_heads = len(seq_lens), 2
-    scores = torch.randint(0, 4, (num_tokens, num_kv_heads, num_blocks), generator=gen) / 4.0
+    scores = torch.randint(0, 4, (num_tokens, num_kv_heads, blocks_row), generator=gen) / 4.0
     scores[2, 0, [0, 3, 9]] = float("inf")
     scores[3, 1, :] = float("inf")
+    scores[6, 0, ::3] = float("nan")
+    scores[6, 1, :] = float("nan")
+    tiles_row = blocks_row // 16
+    zeros = torch.zeros(num_tokens, num_kv_heads, tiles_row)
     qsl = torch.arange(num_tokens + 1, dtype=torch.int32)
-    indices = torch.full((num_tokens, num_kv_heads, topk), -1, dtype=torch.int32)
-    _select_topk_kernel[(num_tokens, num_kv_heads)](
-        block_scores_ptr=scores, qsl_ptr=qsl, seq_lens_ptr=seq_lens, indices_ptr=indices,
-        num_reqs=num_tokens, num_kv_heads=num_kv_heads, SELECT_BLOCK=select_block,
-        NUM_BLOCKS_PAD=num_blocks, TOPK=topk)
+    indices = torch.full((num_tokens + 1, num_kv_heads, topk), -1, dtype=torch.int32)
+    _select_decode_kernel[(num_tokens, num_kv_heads)](
+        block_sums_ptr=scores, tile_max_ptr=zeros, tile_spill_ptr=zeros,
+        lse_ptr=torch.zeros(num_tokens, num_kv_heads), qsl_ptr=qsl, seq_lens_ptr=seq_lens,
+        block_scores_ptr=torch.full_like(scores, float("nan")), indices_ptr=indices,
+        blocks_row=blocks_row, tiles_row=tiles_row, num_reqs=num_tokens,
+        num_heads=num_kv_heads, num_kv_heads=num_kv_heads, G=1, COMPRESS_BLOCK=select_block,
+        COMPRESS_STRIDE=select_block, SELECT_BLOCK=select_block, BC=16, BB=16, TOPK=topk,
+        INIT_BLOCKS=0, LOCAL_BLOCKS=0, CHUNK=chunk)
+    assert (indices[num_tokens] == -1).all()        # the row past the last: untouched
     for t, seq_len in enumerate(seq_lens.tolist()):
         candidates = (seq_len - 1) // select_block + 1
         for h in range(num_kv_heads):
-            row = scores[t, h, :candidates].tolist()
+            row = scores[t, h, :candidates].nan_to_num(nan=0.0).tolist()
             ranked = sorted(range(candidates), key=lambda b: (-row[b], b))[:topk]
             expected = sorted(ranked) + [-1] * (topk - len(ranked))
             assert indices[t, h].tolist() == expected, (t, h)
@@ -201,17 +212,19 @@ def test_half_precision_against_oracle(gated):
 
 
 # ---------------------------------------------------------------- stages one by one
-@pytest.mark.parametrize("group, gated, splits, decode", [
-    (1, False, 1, False),
-    (3, True, 2, False),
-    (4, True, 1, True),
-    (16, False, 4, True),
+@pytest.mark.parametrize("config, group, gated, splits, decode", [
+    ("fla", 1, False, 1, False),
+    ("fla", 3, True, 2, False),
+    ("fla", 4, True, 1, True),
+    ("fla", 16, False, 4, True),
+    ("fine", 3, False, 2, True),
 ])
-def test_stages_match_twin(group, gated, splits, decode):
+def test_stages_match_twin(config, group, gated, splits, decode):
     """write_kv, then score, select and attend one at a time, each fed the twin's inputs,
-    against the twin; decode batches take the decode tiles and the top-n bisection, splits
-    > 1 the partials and `combine`."""
-    cfg = CONFIGS["fla"]        # 16-token blocks: 300 tokens span two scan tiles
+    against the twin; decode batches take the decode tiles, the block sums and the top-n
+    bisection, splits > 1 the partials and `combine`. 16-token blocks: 300 tokens span two
+    scan tiles (with "fine", l > d: a tile spills into the next one's first block)."""
+    cfg = CONFIGS[config]
     gen = torch.Generator().manual_seed(group)
     seq_lens = [300, 1, 130, 47] if decode else SEQ_LENS
     query_lens = [1, 1, 1, 1] if decode else QUERY_LENS

@@ -38,7 +38,9 @@ def _attend_tile(q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, p
                      + kv_head * vc_head + dv[None, :], mask=ok[:, None], other=0.0)
     scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * qk_scale
     scores = tl.where(ok[None, :], scores, float("-inf"))
-    return online_softmax_step(scores, values, row_max, row_sum, acc, True, DOT_PRECISION)
+    row_max, row_sum, acc, _, _ = online_softmax_step(scores, values, row_max, row_sum, acc,
+                                                      True, DOT_PRECISION)
+    return row_max, row_sum, acc
 
 
 @triton.jit

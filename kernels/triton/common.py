@@ -87,7 +87,9 @@ def compressed_entries(cmp_ptr, table_ptr, req, table_row, entries, entry_ok, kv
 def online_softmax_step(scores, values, row_max, row_sum, acc, WITH_VALUES: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     """Fold one tile of base-2 scores [R, K] (-inf where masked) and its values [K, DV]
-    into the running (max, sum, unnormalised acc) of each row."""
+    into the running (max, sum, unnormalised acc) of each row. Also returns the tile's
+    probabilities 2^(s - m) [R, K] and their reference m [R] (the new running max, 0 while
+    a row has seen nothing)."""
     new_max = tl.maximum(row_max, tl.max(scores, axis=1))
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
     alpha = tl.exp2(row_max - safe_max)
@@ -96,7 +98,17 @@ def online_softmax_step(scores, values, row_max, row_sum, acc, WITH_VALUES: tl.c
     if WITH_VALUES:
         acc = acc * alpha[:, None] + tl.dot(probs.to(values.dtype), values,
                                             input_precision=DOT_PRECISION)
-    return new_max, row_sum, acc
+    return new_max, row_sum, acc, probs, safe_max
+
+
+@triton.jit
+def overlap(entries, blocks, COMPRESS_BLOCK: tl.constexpr, COMPRESS_STRIDE: tl.constexpr,
+            SELECT_BLOCK: tl.constexpr):
+    """omega(i, j) = |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d (spec Eq. 9), broadcast.
+    Mirrors reference.overlap_weights."""
+    lo = tl.maximum(entries * COMPRESS_STRIDE, blocks * SELECT_BLOCK)
+    hi = tl.minimum(entries * COMPRESS_STRIDE + COMPRESS_BLOCK, (blocks + 1) * SELECT_BLOCK)
+    return tl.maximum(hi - lo, 0).to(tl.float32) / COMPRESS_STRIDE
 
 
 @triton.jit

@@ -82,16 +82,22 @@ class StepPlan:
     num_q_tiles: int
     tile_req: torch.Tensor | None    # [num_q_tiles] int32 request (-1 unused); None: decode
     tile_qoff: torch.Tensor | None   # [num_q_tiles] int32 first query offset in the request
-    scan_bound: int          # tokens every seq_len is at most (sizes the decode scan)
+    scan_bound: int          # longest context the split count is sized for
     select_tile_blocks: int  # BB: selection blocks per scan tile
     select_tile_entries: int  # BC: compressed entries per scan tile (BB * l' / d)
     scan_tiles: int          # scan tiles covering scan_bound
-    scan_splits: int         # programs sharing one query tile's scan
-    tiles_per_split: int
-    num_blocks_pad: int      # decode block-score row length (power of two)
+    scan_splits: int         # programs sharing one query tile's scan (each takes its share
+                             # of the tiles its own request reaches)
     lse: torch.Tensor        # [N, HQ] float32: the score stage's output
     score_parts: Partials | None     # scan split: partials for combine
-    block_scores: torch.Tensor | None    # decode: [N, H, num_blocks_pad] per-block scores
+    # Decode selection scratch, rows sized by the block table's capacity, so no context
+    # the cache can hold overflows them.
+    blocks_row: int          # selection blocks per row (power of two)
+    tiles_row: int           # scan tiles per row
+    block_sums: torch.Tensor | None   # [N, HQ, blocks_row] per-tile block sums
+    tile_max: torch.Tensor | None     # [N, HQ, tiles_row] their reference max
+    tile_spill: torch.Tensor | None   # [N, HQ, tiles_row] mass spilled into the next tile
+    block_scores: torch.Tensor | None  # [N, H, blocks_row] group importance
     select_candidates: torch.Tensor | None  # prefill scan split: [N, H, splits, BB] top keys
     # attend: selected tiles then window tiles of block_k keys, per (token, KV head)
     attend_rows: int
@@ -156,7 +162,15 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
         busy_tiles = min(num_q_tiles, -(-num_tokens // block_t))
     scan_splits = num_splits or fill_splits(num_kv_heads * max(1, busy_tiles), scan_tiles,
                                             device)
-    num_blocks_pad = pow2(scan_tiles * tile_blocks)
+    blocks_row = pow2(config.num_select_blocks(block_table.shape[1] * page_size))
+    tiles_row = -(-blocks_row // tile_blocks)
+    decode_scratch = dict(block_sums=None, tile_max=None, tile_spill=None, block_scores=None)
+    if decode:
+        decode_scratch = dict(
+            block_sums=torch.empty((num_tokens, num_heads, blocks_row), **f32),
+            tile_max=torch.empty((num_tokens, num_heads, tiles_row), **f32),
+            tile_spill=torch.empty((num_tokens, num_heads, tiles_row), **f32),
+            block_scores=torch.empty((num_tokens, num_kv_heads, blocks_row), **f32))
     score_parts = (Partials.empty(num_tokens, num_heads, 1, scan_splits, value_dim, gated,
                                   device) if scan_splits > 1 else None)
     select_candidates = None
@@ -180,10 +194,8 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
         tile_req=tile_req, tile_qoff=tile_qoff, scan_bound=scan_bound,
         select_tile_blocks=tile_blocks, select_tile_entries=tile_entries,
         scan_tiles=scan_tiles, scan_splits=scan_splits,
-        tiles_per_split=-(-scan_tiles // scan_splits), num_blocks_pad=num_blocks_pad,
         lse=torch.empty((num_tokens, num_heads), **f32), score_parts=score_parts,
-        block_scores=(torch.empty((num_tokens, num_kv_heads, num_blocks_pad), **f32)
-                      if decode else None),
+        blocks_row=blocks_row, tiles_row=tiles_row, **decode_scratch,
         select_candidates=select_candidates, attend_rows=max(MIN_ROWS, group_pad),
         block_k=block_k, attend_steps=attend_steps, attend_splits=attend_splits,
         attend_parts=attend_parts)

@@ -1,5 +1,12 @@
 """score: compressed attention of every query row over its C(t) visible compressed keys,
-giving the row's LSE (and o_cmp in gated mode). Twin: paged.score / reference.score."""
+giving the row's LSE (and o_cmp in gated mode). Twin: paged.score / reference.score.
+
+Decode batches also keep what block selection needs from this single read of the
+compressed keys: per scan tile c and query head, the block sums
+Σ_i omega(i, j) 2^(s_i - m_c) of the tile's selection blocks j, the tile's reference max
+m_c, and the tile's spill into the next tile's first block. `select` turns them into
+block importance once the LSE is final (kernels/README.md, "Decode: one read").
+"""
 from __future__ import annotations
 
 import torch
@@ -16,6 +23,7 @@ from vllm_nsa.kernels.triton.common import (
     normalise,
     num_compressed,
     online_softmax_step,
+    overlap,
     store_partial,
     tile_request,
     tile_rows,
@@ -23,7 +31,7 @@ from vllm_nsa.kernels.triton.common import (
 from vllm_nsa.kernels.triton.plan import StepPlan
 
 
-@triton.jit(do_not_specialize=["tiles_per_split"])
+@triton.jit
 def _score_kernel(
         q_ptr,              # [N, HQ, D]
         cmp_key_ptr,        # [P, page_size / d, H, D]
@@ -38,22 +46,28 @@ def _score_kernel(
         part_max_ptr,       # [N, HQ, 1, SPLITS] (split)
         part_sum_ptr,       # [N, HQ, 1, SPLITS] (split)
         part_acc_ptr,       # [N, HQ, 1, SPLITS, DV] (split, WRITE_CMP)
+        block_sums_ptr,     # [N, HQ, blocks_row] float32 out (KEEP_BLOCK_SUMS)
+        tile_max_ptr,       # [N, HQ, tiles_row] float32 out: m_c (KEEP_BLOCK_SUMS)
+        tile_spill_ptr,     # [N, HQ, tiles_row] float32 out (KEEP_BLOCK_SUMS)
         # strides (elements)
         q_tok, q_head, ck_page, ck_slot, ck_head, cv_page, cv_slot, cv_head, table_row,
-        o_tok, o_head,
+        o_tok, o_head, blocks_row, tiles_row,
         num_heads,
-        tiles_per_split,    # scan tiles of BC entries per split
         qk_scale,           # softmax scale * log2(e)
         G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr,
         D: tl.constexpr, DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
         COMPRESS_STRIDE: tl.constexpr, COMPRESS_BLOCK: tl.constexpr,
+        SELECT_BLOCK: tl.constexpr,
         BC: tl.constexpr,   # compressed entries per scan tile
+        BB: tl.constexpr,   # selection blocks per scan tile (BC * d / l')
         SPLITS: tl.constexpr, DECODE: tl.constexpr, WRITE_CMP: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        KEEP_BLOCK_SUMS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (query tiles, H, SPLITS): one program owns a tile of BLOCK_T query tokens x the
-    G query heads of one KV head, and the split'th range of its compressed keys; online
-    softmax over them. Unsplit it writes LSE (and o_cmp); split it writes partials that
-    `combine` merges. Mirrors paged.score."""
+    G query heads of one KV head, and the split'th share of the scan tiles its rows can
+    see (shares follow each request's own context); online softmax over them. Unsplit it
+    writes LSE (and o_cmp); split it writes partials that `combine` merges. With
+    KEEP_BLOCK_SUMS (decode) it also writes each scan tile's block sums, reference max and
+    spill. Mirrors paged.score."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -68,8 +82,11 @@ def _score_kernel(
     q = tl.load(q_ptr + token64[:, None] * q_tok + head[:, None] * q_head + d[None, :],
                 mask=row_valid[:, None], other=0.0)
     num_visible = num_compressed(last_position, COMPRESS_BLOCK, COMPRESS_STRIDE)
+    num_tiles = tl.cdiv(num_visible, BC)
+    tiles_per_split = tl.cdiv(num_tiles, SPLITS)
     tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, tl.cdiv(num_visible, BC))
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    head_row = token64 * num_heads + head
     row_max = tl.full([BLOCK_T * GP], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_T * GP], tl.float32)
     acc = tl.zeros([BLOCK_T * GP, DV], tl.float32)
@@ -88,20 +105,29 @@ def _score_kernel(
             values = compressed_entries(cmp_value_ptr, table_ptr, req, table_row, entries,
                                         entry_ok, kv_head, cv_page, cv_slot, cv_head,
                                         PAGE_SIZE, COMPRESS_STRIDE, COMPRESS_BLOCK, DV)
-        row_max, row_sum, acc = online_softmax_step(scores, values, row_max, row_sum, acc,
-                                                    WRITE_CMP, DOT_PRECISION)
+        row_max, row_sum, acc, probs, reference_max = online_softmax_step(
+            scores, values, row_max, row_sum, acc, WRITE_CMP, DOT_PRECISION)
+        if KEEP_BLOCK_SUMS:
+            blocks = c * BB + tl.arange(0, BB)
+            weights = overlap(entries[:, None], blocks[None, :], COMPRESS_BLOCK,
+                              COMPRESS_STRIDE, SELECT_BLOCK)                 # [BC, BB]
+            sums = tl.dot(probs, weights, input_precision="ieee")            # [rows, BB]
+            spill = tl.sum(probs * overlap(entries, c * BB + BB, COMPRESS_BLOCK,
+                                           COMPRESS_STRIDE, SELECT_BLOCK)[None, :], axis=1)
+            tl.store(block_sums_ptr + head_row[:, None] * blocks_row + blocks[None, :], sums,
+                     mask=row_valid[:, None])
+            tl.store(tile_max_ptr + head_row * tiles_row + c, reference_max, mask=row_valid)
+            tl.store(tile_spill_ptr + head_row * tiles_row + c, spill, mask=row_valid)
     if SPLITS == 1:
-        tl.store(lse_ptr + token64 * num_heads + head, log2_sum_exp(row_max, row_sum) * LN2,
-                 mask=row_valid)
+        tl.store(lse_ptr + head_row, log2_sum_exp(row_max, row_sum) * LN2, mask=row_valid)
         if WRITE_CMP:
             dv = tl.arange(0, DV)
             tl.store(o_cmp_ptr + token64[:, None] * o_tok + head[:, None] * o_head
                      + dv[None, :], normalise(acc, row_sum).to(o_cmp_ptr.dtype.element_ty),
                      mask=row_valid[:, None])
     else:
-        store_partial(part_max_ptr, part_sum_ptr, part_acc_ptr,
-                      (token64 * num_heads + head) * SPLITS + split, row_max, row_sum, acc,
-                      row_valid, DV, WRITE_CMP)
+        store_partial(part_max_ptr, part_sum_ptr, part_acc_ptr, head_row * SPLITS + split,
+                      row_max, row_sum, acc, row_valid, DV, WRITE_CMP)
 
 
 def score(q: torch.Tensor, cmp_key_cache: torch.Tensor, cmp_value_cache: torch.Tensor,
@@ -122,6 +148,8 @@ def score(q: torch.Tensor, cmp_key_cache: torch.Tensor, cmp_value_cache: torch.T
         part_max_ptr=parts.row_max if split else None,
         part_sum_ptr=parts.row_sum if split else None,
         part_acc_ptr=parts.acc if split else None,
+        block_sums_ptr=plan.block_sums, tile_max_ptr=plan.tile_max,
+        tile_spill_ptr=plan.tile_spill,
         q_tok=q.stride(0), q_head=q.stride(1),
         ck_page=cmp_key_cache.stride(0), ck_slot=cmp_key_cache.stride(1),
         ck_head=cmp_key_cache.stride(2),
@@ -129,13 +157,15 @@ def score(q: torch.Tensor, cmp_key_cache: torch.Tensor, cmp_value_cache: torch.T
         cv_head=cmp_value_cache.stride(2), table_row=block_table.stride(0),
         o_tok=o_cmp.stride(0) if o_cmp is not None else 0,
         o_head=o_cmp.stride(1) if o_cmp is not None else 0,
-        num_heads=plan.num_heads, tiles_per_split=plan.tiles_per_split,
+        blocks_row=plan.blocks_row, tiles_row=plan.tiles_row, num_heads=plan.num_heads,
         qk_scale=scale * LOG2E.value,
         G=plan.group, GP=plan.group_pad, BLOCK_T=plan.block_t, D=plan.head_dim,
         DV=plan.value_dim, PAGE_SIZE=plan.page_size,
         COMPRESS_STRIDE=config.compress_stride, COMPRESS_BLOCK=config.compress_block,
-        BC=plan.select_tile_entries, SPLITS=plan.scan_splits, DECODE=plan.decode,
-        WRITE_CMP=o_cmp is not None, DOT_PRECISION=plan.dot_precision)
+        SELECT_BLOCK=config.select_block, BC=plan.select_tile_entries,
+        BB=plan.select_tile_blocks, SPLITS=plan.scan_splits, DECODE=plan.decode,
+        WRITE_CMP=o_cmp is not None, KEEP_BLOCK_SUMS=plan.block_sums is not None,
+        DOT_PRECISION=plan.dot_precision)
     if split:
         combine(parts, query_start_loc, o_cmp, 0, plan.lse)
     return plan.lse

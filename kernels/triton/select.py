@@ -2,10 +2,11 @@
 over the G query heads of each KV head (group-consistent), forced initial and local blocks,
 then the top-n blocks per (token, KV head). Twin: paged.select / reference.select.
 
-Prefill keeps a running top-n per token while scanning (packed int64 keys, bitonic merge);
-decode writes every block's score and `_select_topk_kernel` picks the top-n by bisecting
-the n-th score's bit pattern. A split scan's per-split top-n are merged by
-`_merge_topk_kernel`.
+Prefill (`_select_kernel`) rescans the compressed keys and keeps a running top-n per token
+(packed int64 keys, bitonic merge); a split scan's per-split top-n are merged by
+`_merge_topk_kernel`. Decode (`_select_decode_kernel`) reads no compressed key: it turns the
+score stage's per-tile block sums into block importance under the final LSE and picks the
+top-n by bisecting the n-th score's bit pattern.
 """
 from __future__ import annotations
 
@@ -18,21 +19,12 @@ from vllm_nsa.kernels.triton.common import (
     LOG2E,
     compressed_entries,
     num_compressed,
+    overlap,
     request_of,
     tile_request,
     tile_rows,
 )
 from vllm_nsa.kernels.triton.plan import StepPlan, pow2
-
-
-@triton.jit
-def _overlap(entries, blocks, COMPRESS_BLOCK: tl.constexpr, COMPRESS_STRIDE: tl.constexpr,
-             SELECT_BLOCK: tl.constexpr):
-    """omega(i, j) = |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d (spec Eq. 9), broadcast.
-    Mirrors reference.overlap_weights."""
-    lo = tl.maximum(entries * COMPRESS_STRIDE, blocks * SELECT_BLOCK)
-    hi = tl.minimum(entries * COMPRESS_STRIDE + COMPRESS_BLOCK, (blocks + 1) * SELECT_BLOCK)
-    return tl.maximum(hi - lo, 0).to(tl.float32) / COMPRESS_STRIDE
 
 
 @triton.jit
@@ -55,7 +47,7 @@ def _keys_to_indices(keys, rank, TOPK: tl.constexpr):
     return tl.where(blocks == big, -1, blocks)
 
 
-@triton.jit(do_not_specialize=["tiles_per_split"])
+@triton.jit
 def _select_kernel(
         q_ptr,              # [N, HQ, D]
         cmp_key_ptr,        # [P, page_size / d, H, D]
@@ -65,13 +57,11 @@ def _select_kernel(
         qsl_ptr,            # [R+1] int32 query_start_loc
         seq_lens_ptr,       # [R] int32
         lse_ptr,            # [N, HQ] float32 natural-log LSE from `score`
-        indices_ptr,        # [N, H, TOPK] int32 out (prefill, unsplit)
-        candidates_ptr,     # [N, H, SPLITS, BB] int64 out (prefill, split)
-        block_scores_ptr,   # [N, H, NUM_BLOCKS_PAD] float32 out (decode)
+        indices_ptr,        # [N, H, TOPK] int32 out (unsplit)
+        candidates_ptr,     # [N, H, SPLITS, BB] int64 out (split)
         # strides (elements)
         q_tok, q_head, ck_page, ck_slot, ck_head, table_row,
         num_heads, num_kv_heads,
-        tiles_per_split,    # scan tiles per split
         qk_scale,           # softmax scale * log2(e)
         G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
         PAGE_SIZE: tl.constexpr, COMPRESS_STRIDE: tl.constexpr,
@@ -79,17 +69,15 @@ def _select_kernel(
         BC: tl.constexpr,   # compressed entries per scan tile
         BB: tl.constexpr,   # selection blocks per scan tile
         TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
-        NUM_BLOCKS_PAD: tl.constexpr, SPLITS: tl.constexpr, DECODE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    """Grid (query tiles, H, SPLITS), the score stage's tiles: one program rescans its
-    split's compressed keys for BLOCK_T tokens x G heads, turns probabilities
-    exp(s - LSE) into block importance (group sum, then omega), ranks forced blocks +inf,
-    and keeps each token's top-n (prefill) or writes the block scores (decode).
-    Mirrors paged.select."""
+        SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (query tiles, H, SPLITS), the score stage's tiles (prefill and mixed batches):
+    one program rescans its split's share of the compressed keys for BLOCK_T tokens x G
+    heads, turns probabilities 2^(s - LSE) into block importance (group sum, then omega),
+    ranks forced blocks +inf, and keeps each token's top-n. Mirrors paged.select."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    req, q_off = tile_request(tile_req_ptr, tile_qoff_ptr, tile, DECODE)
+    req, q_off = tile_request(tile_req_ptr, tile_qoff_ptr, tile, False)
     if req < 0:
         return
     q_len, context, token, group_head, position, row_valid, last_position = \
@@ -108,6 +96,7 @@ def _select_kernel(
     tok_valid = q_off + toks < q_len
     current_block = (context + q_off + toks) // SELECT_BLOCK                 # [BLOCK_T]
     num_tiles = tl.cdiv(last_position // SELECT_BLOCK + 1, BB)
+    tiles_per_split = tl.cdiv(num_tiles, SPLITS)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     # The tile before a split's range only feeds the spill into the split's first block.
@@ -130,8 +119,8 @@ def _select_kernel(
         blocks = c * BB + block_offs
         # omega is linear: sum the group's probabilities first (Eq. 10), then weight (Eq. 9).
         group_probs = tl.sum(tl.reshape(probs, [BLOCK_T, GP, BC]), axis=1)     # [BLOCK_T, BC]
-        weights = _overlap(entries[:, None], blocks[None, :], COMPRESS_BLOCK, COMPRESS_STRIDE,
-                           SELECT_BLOCK)
+        weights = overlap(entries[:, None], blocks[None, :], COMPRESS_BLOCK, COMPRESS_STRIDE,
+                          SELECT_BLOCK)
         if BLOCK_T >= 16:
             importance = tl.dot(group_probs, weights, input_precision="ieee")
         else:
@@ -139,40 +128,33 @@ def _select_kernel(
             # rows, which reorders near-ties (seen on an H100).
             importance = tl.sum(group_probs[:, :, None] * weights[None, :, :], axis=1)
         importance += tl.where(block_offs[None, :] == 0, spill[:, None], 0.0)
-        next_weights = _overlap(entries, c * BB + BB, COMPRESS_BLOCK, COMPRESS_STRIDE,
-                                SELECT_BLOCK)
+        next_weights = overlap(entries, c * BB + BB, COMPRESS_BLOCK, COMPRESS_STRIDE,
+                               SELECT_BLOCK)
         spill = tl.sum(group_probs * next_weights[None, :], axis=1)
         candidate = (blocks[None, :] <= current_block[:, None]) & tok_valid[:, None]
         forced = candidate & ((blocks[None, :] < INIT_BLOCKS)
                               | (blocks[None, :] > current_block[:, None] - LOCAL_BLOCKS))
-        ranked = tl.where(forced, float("inf"), importance)
-        if DECODE:
-            # One token per program: sorting per tile would dominate; the block scores go
-            # out and `_select_topk_kernel` picks each row's top-n in one pass.
-            tl.store(block_scores_ptr + (token_ids[:, None] * num_kv_heads + kv_head)
-                     * NUM_BLOCKS_PAD + blocks[None, :], ranked,
-                     mask=candidate & (blocks[None, :] >= tile_lo * BB))   # owned tiles
-        else:
-            # Non-negative floats order like their bit patterns; the low half
-            # (0x7FFFFFFF - block) ranks the lower block first among equal scores.
-            key = ((ranked.to(tl.int32, bitcast=True).to(tl.int64) << 32)
-                   | (0x7FFFFFFF - blocks[None, :]).to(tl.int64))
-            key = tl.where(candidate & (c >= tile_lo), key, -1)
-            # Sort only when some token's candidate beats that token's worst kept key.
-            improves = tl.sum((tl.max(key, axis=1) > tl.min(best, axis=1)).to(tl.int32),
-                              axis=0)
-            if improves > 0:
-                best = _keep_top(best, key, BLOCK_T, BB)
-    if not DECODE:
-        if SPLITS == 1:
-            indices = _keys_to_indices(best, block_offs[None, :], TOPK)
-            tl.store(indices_ptr + (token_ids[:, None] * num_kv_heads + kv_head) * TOPK
-                     + block_offs[None, :], indices,
-                     mask=tok_valid[:, None] & (block_offs[None, :] < TOPK))
-        else:
-            tl.store(candidates_ptr + ((token_ids[:, None] * num_kv_heads + kv_head) * SPLITS
-                                       + split) * BB + block_offs[None, :], best,
-                     mask=tok_valid[:, None])
+        # NaN scores (a NaN query) rank as 0, below every real candidate.
+        ranked = tl.where(forced, float("inf"), tl.where(importance == importance,
+                                                         importance, 0.0))
+        # Non-negative floats order like their bit patterns; the low half
+        # (0x7FFFFFFF - block) ranks the lower block first among equal scores.
+        key = ((ranked.to(tl.int32, bitcast=True).to(tl.int64) << 32)
+               | (0x7FFFFFFF - blocks[None, :]).to(tl.int64))
+        key = tl.where(candidate & (c >= tile_lo), key, -1)
+        # Sort only when some token's candidate beats that token's worst kept key.
+        improves = tl.sum((tl.max(key, axis=1) > tl.min(best, axis=1)).to(tl.int32), axis=0)
+        if improves > 0:
+            best = _keep_top(best, key, BLOCK_T, BB)
+    if SPLITS == 1:
+        indices = _keys_to_indices(best, block_offs[None, :], TOPK)
+        tl.store(indices_ptr + (token_ids[:, None] * num_kv_heads + kv_head) * TOPK
+                 + block_offs[None, :], indices,
+                 mask=tok_valid[:, None] & (block_offs[None, :] < TOPK))
+    else:
+        tl.store(candidates_ptr + ((token_ids[:, None] * num_kv_heads + kv_head) * SPLITS
+                                   + split) * BB + block_offs[None, :], best,
+                 mask=tok_valid[:, None])
 
 
 @triton.jit(do_not_specialize=["num_reqs"])
@@ -198,43 +180,106 @@ def _merge_topk_kernel(
 
 
 @triton.jit(do_not_specialize=["num_reqs"])
-def _select_topk_kernel(
-        block_scores_ptr,   # [N, H, NUM_BLOCKS_PAD] float32 (+inf forced, >= 0 otherwise)
+def _select_decode_kernel(
+        block_sums_ptr,     # [N, HQ, blocks_row] float32: per scan tile c, Σ ω 2^(s - m_c)
+        tile_max_ptr,       # [N, HQ, tiles_row] float32: m_c
+        tile_spill_ptr,     # [N, HQ, tiles_row] float32: tile c's sum into block (c+1)*BB
+        lse_ptr,            # [N, HQ] float32 natural-log LSE from `score`
         qsl_ptr,            # [R+1] int32 query_start_loc
         seq_lens_ptr,       # [R] int32
-        indices_ptr,        # [N, H, TOPK] int32 out
-        num_reqs, num_kv_heads,
-        SELECT_BLOCK: tl.constexpr, NUM_BLOCKS_PAD: tl.constexpr, TOPK: tl.constexpr):
-    """Grid (N, H), decode: the top-n blocks of one (token, KV head) score row (forced
-    blocks score +inf; ties to the lower block), written ascending. The n-th largest score
-    is found by bisecting its bit pattern (non-negative floats order like their bits): 31
-    counting passes over the row instead of a sort. Padding tokens are skipped."""
+        block_scores_ptr,   # [N, H, blocks_row] float32 scratch: group importance
+        indices_ptr,        # [N, H, TOPK] int32 out, pre-filled with -1
+        blocks_row, tiles_row,
+        num_reqs, num_heads, num_kv_heads,
+        G: tl.constexpr, COMPRESS_BLOCK: tl.constexpr, COMPRESS_STRIDE: tl.constexpr,
+        SELECT_BLOCK: tl.constexpr,
+        BC: tl.constexpr,   # compressed entries per scan tile
+        BB: tl.constexpr,   # selection blocks per scan tile
+        TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
+        CHUNK: tl.constexpr):
+    """Grid (N, H), decode: one program owns one (token, KV head). Block importance of its
+    blocks j <= t // l' is Σ_g 2^(m_c(g) - LSE_g) * sums_g[j] (+ the previous tile's spill
+    into a tile's first block), summed over the group's G heads; forced blocks rank +inf,
+    NaN as 0. The n-th largest score is found by bisecting its bit pattern (non-negative
+    floats order like their bits): 31 counting passes over the row, CHUNK blocks at a time,
+    so the work follows the request's context. Ties go to the lower block; the n blocks are
+    written ascending, every store inside the row. Padding tokens are skipped.
+    Mirrors paged.select."""
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     req = request_of(qsl_ptr, num_reqs, token)
-    if req >= 0:
-        q_begin = tl.load(qsl_ptr + req)
-        q_len = tl.load(qsl_ptr + req + 1) - q_begin
-        position = tl.load(seq_lens_ptr + req) - q_len + (token - q_begin)
-        row = token * num_kv_heads + kv_head
-        blocks = tl.arange(0, NUM_BLOCKS_PAD)
-        scores = tl.load(block_scores_ptr + row * NUM_BLOCKS_PAD + blocks,
-                         mask=blocks <= position // SELECT_BLOCK, other=-1.0)
-        bits = scores.to(tl.int32, bitcast=True)     # non-candidates (-1.0) are negative
-        # Largest threshold t with at least TOPK candidates scoring >= t (0 if fewer).
-        low = tl.zeros([], tl.int32)
-        high = low + 0x7F800001                      # just above +inf
-        for _ in range(31):
-            mid = low + (high - low) // 2
-            enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= TOPK
-            low = tl.where(enough, mid, low)
-            high = tl.where(enough, high, mid)
-        above = bits > low
+    if req < 0:
+        return
+    q_begin = tl.load(qsl_ptr + req)
+    q_len = tl.load(qsl_ptr + req + 1) - q_begin
+    position = tl.load(seq_lens_ptr + req) - q_len + (token - q_begin)
+    current_block = position // SELECT_BLOCK
+    num_blocks = current_block + 1
+    # Scan tiles the score stage wrote for this row; later tiles hold no visible entry.
+    scanned_tiles = tl.cdiv(num_compressed(position, COMPRESS_BLOCK, COMPRESS_STRIDE), BC)
+    row = token * num_kv_heads + kv_head
+    scores_row = block_scores_ptr + row * blocks_row
+    offs = tl.arange(0, CHUNK)
+    for start in range(0, num_blocks, CHUNK):
+        blocks = start + offs
+        in_row = blocks < num_blocks
+        tile = blocks // BB
+        scanned = in_row & (tile < scanned_tiles)
+        spilled = in_row & (blocks % BB == 0) & (tile > 0) & (tile - 1 < scanned_tiles)
+        importance = tl.zeros([CHUNK], tl.float32)
+        for g in tl.static_range(G):
+            head_row = token * num_heads + kv_head * G + g
+            lse = tl.load(lse_ptr + head_row) * LOG2E
+            safe_lse = tl.where(lse == float("-inf"), 0.0, lse)
+            tile_max = tl.load(tile_max_ptr + head_row * tiles_row + tile, mask=scanned,
+                               other=float("-inf"))
+            sums = tl.load(block_sums_ptr + head_row * blocks_row + blocks, mask=scanned,
+                           other=0.0)
+            prev_max = tl.load(tile_max_ptr + head_row * tiles_row + tile - 1, mask=spilled,
+                               other=float("-inf"))
+            prev_spill = tl.load(tile_spill_ptr + head_row * tiles_row + tile - 1,
+                                 mask=spilled, other=0.0)
+            importance += (tl.exp2(tile_max - safe_lse) * sums
+                           + tl.exp2(prev_max - safe_lse) * prev_spill)
+        forced = (blocks < INIT_BLOCKS) | (blocks > current_block - LOCAL_BLOCKS)
+        ranked = tl.where(forced, float("inf"), tl.where(importance == importance,
+                                                         importance, 0.0))
+        tl.store(scores_row + blocks, ranked, mask=in_row)
+    tl.debug_barrier()   # the row is re-read below by other threads of this program
+    # Largest threshold t with at least TOPK blocks scoring >= t (0 if fewer).
+    low = tl.zeros([], tl.int32)
+    high = low + 0x7F800001                          # just above +inf
+    for _ in range(31):
+        mid = low + (high - low) // 2
+        count = tl.zeros([], tl.int32)
+        for start in range(0, num_blocks, CHUNK):
+            blocks = start + offs
+            bits = tl.load(scores_row + blocks, mask=blocks < num_blocks,
+                           other=-1.0).to(tl.int32, bitcast=True)
+            count += tl.sum((bits >= mid).to(tl.int32), axis=0)
+        enough = count >= TOPK
+        low = tl.where(enough, mid, low)
+        high = tl.where(enough, high, mid)
+    num_above = tl.zeros([], tl.int32)
+    for start in range(0, num_blocks, CHUNK):
+        blocks = start + offs
+        bits = tl.load(scores_row + blocks, mask=blocks < num_blocks,
+                       other=-1.0).to(tl.int32, bitcast=True)
+        num_above += tl.sum((bits > low).to(tl.int32), axis=0)
+    tie_budget = TOPK - num_above
+    ties_before = tl.zeros([], tl.int32)
+    taken_before = tl.zeros([], tl.int32)
+    for start in range(0, num_blocks, CHUNK):
+        blocks = start + offs
+        bits = tl.load(scores_row + blocks, mask=blocks < num_blocks,
+                       other=-1.0).to(tl.int32, bitcast=True)
         ties = bits == low
-        tie_rank = tl.cumsum(ties.to(tl.int32), axis=0) - 1
-        take = above | (ties & (tie_rank < TOPK - tl.sum(above.to(tl.int32), axis=0)))
-        slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(indices_ptr + row * TOPK + slot, blocks, mask=take)
+        tie_rank = ties_before + tl.cumsum(ties.to(tl.int32), axis=0) - 1
+        take = (bits > low) | (ties & (tie_rank < tie_budget))
+        slot = taken_before + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(indices_ptr + row * TOPK + slot, blocks, mask=take & (slot < TOPK))
+        ties_before += tl.sum(ties.to(tl.int32), axis=0)
+        taken_before += tl.sum(take.to(tl.int32), axis=0)
 
 
 def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tensor,
@@ -246,31 +291,33 @@ def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tens
                                dtype=torch.int32, device=q.device)
     if plan.num_tokens == 0:
         return block_indices
+    common = dict(COMPRESS_BLOCK=config.compress_block, COMPRESS_STRIDE=config.compress_stride,
+                  SELECT_BLOCK=config.select_block, BC=plan.select_tile_entries,
+                  BB=plan.select_tile_blocks, TOPK=config.select_topk,
+                  INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks)
+    grid = (plan.num_tokens, plan.num_kv_heads)
+    if plan.decode:
+        _select_decode_kernel[grid](
+            block_sums_ptr=plan.block_sums, tile_max_ptr=plan.tile_max,
+            tile_spill_ptr=plan.tile_spill, lse_ptr=lse, qsl_ptr=query_start_loc,
+            seq_lens_ptr=seq_lens, block_scores_ptr=plan.block_scores,
+            indices_ptr=block_indices, blocks_row=plan.blocks_row, tiles_row=plan.tiles_row,
+            num_reqs=plan.num_reqs, num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads,
+            G=plan.group, CHUNK=min(plan.blocks_row, 1024), **common)
+        return block_indices
     _select_kernel[(plan.num_q_tiles, plan.num_kv_heads, plan.scan_splits)](
         q_ptr=q, cmp_key_ptr=cmp_key_cache, table_ptr=block_table,
         tile_req_ptr=plan.tile_req, tile_qoff_ptr=plan.tile_qoff, qsl_ptr=query_start_loc,
         seq_lens_ptr=seq_lens, lse_ptr=lse, indices_ptr=block_indices,
-        candidates_ptr=plan.select_candidates, block_scores_ptr=plan.block_scores,
+        candidates_ptr=plan.select_candidates,
         q_tok=q.stride(0), q_head=q.stride(1),
         ck_page=cmp_key_cache.stride(0), ck_slot=cmp_key_cache.stride(1),
         ck_head=cmp_key_cache.stride(2), table_row=block_table.stride(0),
-        num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads,
-        tiles_per_split=plan.tiles_per_split, qk_scale=scale * LOG2E.value,
+        num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads, qk_scale=scale * LOG2E.value,
         G=plan.group, GP=plan.group_pad, BLOCK_T=plan.block_t, D=plan.head_dim,
-        PAGE_SIZE=plan.page_size, COMPRESS_STRIDE=config.compress_stride,
-        COMPRESS_BLOCK=config.compress_block, SELECT_BLOCK=config.select_block,
-        BC=plan.select_tile_entries, BB=plan.select_tile_blocks, TOPK=config.select_topk,
-        INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks,
-        NUM_BLOCKS_PAD=plan.num_blocks_pad, SPLITS=plan.scan_splits, DECODE=plan.decode,
-        DOT_PRECISION=plan.dot_precision)
-    grid = (plan.num_tokens, plan.num_kv_heads)
-    if plan.decode:
-        _select_topk_kernel[grid](
-            block_scores_ptr=plan.block_scores, qsl_ptr=query_start_loc,
-            seq_lens_ptr=seq_lens, indices_ptr=block_indices, num_reqs=plan.num_reqs,
-            num_kv_heads=plan.num_kv_heads, SELECT_BLOCK=config.select_block,
-            NUM_BLOCKS_PAD=plan.num_blocks_pad, TOPK=config.select_topk)
-    elif plan.select_candidates is not None:
+        PAGE_SIZE=plan.page_size, SPLITS=plan.scan_splits, DOT_PRECISION=plan.dot_precision,
+        **common)
+    if plan.select_candidates is not None:
         _merge_topk_kernel[grid](
             candidates_ptr=plan.select_candidates, qsl_ptr=query_start_loc,
             indices_ptr=block_indices, num_reqs=plan.num_reqs, num_kv_heads=plan.num_kv_heads,
