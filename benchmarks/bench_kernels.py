@@ -402,10 +402,11 @@ def decode(fa3, copy_bw):
 
 # ------------------------------------------------------------------ compiled variants
 def compiled_variants():
-    """Kernels compiled while a decode batch grows 1..40 requests (fixed capacity hint, as
-    the backend passes it): new variants mid-serve are multi-second stalls, so their
-    number must stay small and independent of the batch size's divisibility."""
-    log("== compiled variants, decode batch 1..40 (8k context, capacity hint 8192) ==")
+    """Kernels compiled after the engine-start warm-up (`warm_up`) while decode batches
+    grow 1..40 requests at mixed contexts, and prefill chunks and mixed batches of varied
+    lengths run: each new variant mid-serve would be a multi-second stall, so the count
+    must be zero."""
+    log("== compiled variants after warm-up: decode 1..40, prefill and mixed batches ==")
     kernels = {name: getattr(module, name)
                for module in (compress, score, select, attend, combine) for name in dir(module)
                if name.endswith("_kernel") and hasattr(getattr(module, name), "device_caches")}
@@ -413,22 +414,33 @@ def compiled_variants():
     def counts():
         return {name: sum(len(cache[0]) for cache in fn.device_caches.values())
                 for name, fn in kernels.items()}
-    hq, h, S = 32, 8, 8192
-    b = paged_batch([S] * 40, h, gen_seed=9)
-    start = counts()
-    for B in range(1, 41):
-        q = torch.randn(B, hq, D, device=DEV, dtype=DT)
-        qsl = torch.arange(B + 1, dtype=torch.int32, device=DEV)
-        table = b["table"][:B].contiguous()
-        plan = nsa_triton.make_plan(q, b["key_cache"], b["value_cache"], table, qsl, CFG, False,
-                                    max_query_len=1, scan_bound=S)
-        nsa_triton.nsa_paged_attention(
-            q, b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"], table, qsl,
-            torch.full((B,), S, dtype=torch.int32, device=DEV), CFG, D ** -0.5,
-            torch.empty(B, hq, D, device=DEV, dtype=DT), False, plan)
-    torch.cuda.synchronize()
-    added = {name: n - start[name] for name, n in counts().items() if n - start[name]}
-    log(f"  new compiled variants per kernel over 40 batch sizes: {added}")
+    hq, h, capacity = 32, 8, 65536
+    contexts = [8192, 777, 65536, 4097, 30000] * 8
+    b = paged_batch(contexts, h, gen_seed=9)
+    table = torch.zeros(len(contexts), capacity // PAGE, dtype=torch.int32, device=DEV)
+    table[:, :b["table"].shape[1]] = b["table"]
+    caches = (b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"])
+    added = {}
+    for gated in (False, True):
+        nsa_triton.warm_up(*caches, hq, table.shape[1], CFG, gated)
+        start = counts()
+        batches = [[1] * n for n in range(1, 41)] + [[2048], [300, 1, 1], [1, 64, 1, 1, 5000],
+                                                    [17], [1, 1, 1, 4096]]
+        for query_lens in batches:
+            num = len(query_lens)
+            qsl = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(),
+                               dtype=torch.int32, device=DEV)
+            q = torch.randn(int(qsl[-1]), hq, D, device=DEV, dtype=DT)
+            shape = (q.shape[0], hq, 3, D) if gated else (q.shape[0], hq, D)
+            plan = nsa_triton.make_plan(q, caches[0], caches[1], table[:num], qsl, CFG, gated,
+                                        max_query_len=max(query_lens), scan_bound=capacity)
+            nsa_triton.nsa_paged_attention(
+                q, *caches, table[:num], qsl, b["seq_lens"][:num], CFG, D ** -0.5,
+                torch.empty(shape, device=DEV, dtype=DT), gated, plan)
+        torch.cuda.synchronize()
+        added.update({f"{name}{' gated' if gated else ''}": n - start[name]
+                      for name, n in counts().items() if n - start[name]})
+    log(f"  new compiled variants per kernel after warm-up: {added or 'none'}")
     return added
 
 
@@ -463,7 +475,7 @@ def main():
         prefill(fa3, load_fla())
         log(f"[{time.time() - t0:.0f}s]")
     if "variants" in parts:
-        RESULTS["compiled_variants_decode_batch_1_to_40"] = compiled_variants()
+        RESULTS["compiled_variants_after_warm_up"] = compiled_variants()
         dump()
     if "decode" in parts:
         decode(fa3, bw)

@@ -95,6 +95,13 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
     return None
 
 
+def warm_up(key_cache: torch.Tensor, value_cache: torch.Tensor, cmp_key_cache: torch.Tensor,
+            cmp_value_cache: torch.Tensor, num_heads: int, block_table_width: int,
+            config: NSAConfig, gated: bool) -> int:
+    """Nothing to compile in torch (the Triton one compiles every kernel variant)."""
+    return 0
+
+
 # ---------------------------------------------------------------- stage: score
 def score(q: torch.Tensor, cmp_key_cache: torch.Tensor, cmp_value_cache: torch.Tensor,
           block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,

@@ -13,6 +13,7 @@ from vllm_nsa.backend import (  # noqa: E402
     NSAAttentionImpl,
     NSAAttentionMetadata,
     compressed_to_emit,
+    page_buffer,
     split_kv_cache,
 )
 from vllm_nsa.config import NSAConfig  # noqa: E402
@@ -29,15 +30,8 @@ def fresh_process_config(monkeypatch):
 NUM_PAGES = 160
 
 
-def page_buffer(page_size, config, dtype=torch.float32):
-    """A per-layer cache as vLLM hands it over: a logical [B, H, N, 2D] view of LBNHC
-    pages, each padded by the compressed entries (customize_spec's page_size_padded)."""
-    content = 2 * HEAD_SIZE
-    raw = page_size * KV_HEADS * content
-    padded = raw + (page_size // config.compress_stride) * KV_HEADS * content
-    buf = torch.full((NUM_PAGES * padded,), float("nan"), dtype=dtype)
-    return torch.as_strided(buf, (NUM_PAGES, KV_HEADS, page_size, content),
-                            (padded, content, KV_HEADS * content, 1))
+def kv_page_buffer(page_size, config, dtype=torch.float32):
+    return page_buffer(NUM_PAGES, page_size, KV_HEADS, HEAD_SIZE, dtype, config.compress_stride)
 
 
 class Request:
@@ -52,7 +46,7 @@ class Simulator:
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self.page_size, self.config, self.gated = page_size, config, gated
-        self.kv_cache = page_buffer(page_size, config)
+        self.kv_cache = kv_page_buffer(page_size, config)
         self.free_pages = list(range(NUM_PAGES))
         self.rng.shuffle(self.free_pages)
         self.impl = NSAAttentionImpl(HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, KV_HEADS, None, None,
@@ -171,7 +165,7 @@ def test_compressed_entries_land_at_their_last_token():
     # request 2 grows 40 -> 140: entries 1..6
     assert emit_req.tolist() == [0, 1] + [2] * 6
     assert emit_index.tolist() == [1, 0, 1, 2, 3, 4, 5, 6]
-    kv_cache = page_buffer(16, config)
+    kv_cache = kv_page_buffer(16, config)
     key, value, cmp_key, cmp_value = split_kv_cache(kv_cache, HEAD_SIZE, 16)
     assert key.shape == (NUM_PAGES, 16, KV_HEADS, HEAD_SIZE)
     assert cmp_key.shape == (NUM_PAGES, 1, KV_HEADS, HEAD_SIZE)

@@ -107,10 +107,12 @@ def test_attention_matches_twin(config, group, page_size, gated, hints):
     torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_decode_batch_with_hint(gated):
+@pytest.mark.parametrize("gated, scan_bound", [(False, 320), (True, 320), (False, 64)])
+def test_decode_batch_with_hint(gated, scan_bound):
     """All-decode batch through the decode path (tile = request, split sparse attention), as
-    CUDA graphs pad it: an idle request in the middle and padding tokens past the last one."""
+    CUDA graphs pad it: an idle request in the middle and padding tokens past the last one.
+    scan_bound 64: contexts far beyond the bound the plan was sized for still read every
+    block they need (work follows each request; scratch rows follow the block table)."""
     cfg = CONFIGS["paper"]
     gen = torch.Generator().manual_seed(7)
     seq_lens = [77, 300, 50, 1, 200]
@@ -133,7 +135,7 @@ def test_decode_batch_with_hint(gated):
     for impl in (paged, triton_nsa):
         out = torch.full(shape, float("nan"))
         plan = impl.make_plan(q, key_cache, value_cache, table, qsl, cfg, gated,
-                              max_query_len=1, scan_bound=320)
+                              max_query_len=1, scan_bound=scan_bound)
         idx = impl.nsa_paged_attention(q, key_cache, value_cache, cmp_key, cmp_value, table,
                                        qsl, lens, cfg, D ** -0.5, out, gated, plan)
         outputs.append((out, idx))
@@ -282,3 +284,17 @@ def test_stages_match_twin(config, group, gated, splits, decode):
     assert torch.equal(indices["triton"], indices["twin"])
     assert not outputs["triton"].isnan().any()
     torch.testing.assert_close(outputs["triton"], outputs["twin"], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_warm_up_runs_every_variant(gated):
+    """The engine-start warm-up launches decode and prefill batches, split and unsplit, on
+    a dummy cache whose pages hold nothing yet (NaN): it must run clean through every
+    stage."""
+    cfg = CONFIGS["paper"]
+    key_cache = torch.full((2, 32, H, D), float("nan"))
+    value_cache = key_cache.clone()
+    cmp_key = torch.full((2, 2, H, D), float("nan"))
+    cmp_value = cmp_key.clone()
+    assert triton_nsa.warm_up(key_cache, value_cache, cmp_key, cmp_value, 3 * H, 8, cfg,
+                              gated) == 4

@@ -136,6 +136,19 @@ def split_kv_cache(kv_cache: torch.Tensor, head_size: int, compress_stride: int
             compressed[..., :head_size], compressed[..., head_size:])
 
 
+def page_buffer(num_pages: int, page_size: int, num_kv_heads: int, head_size: int,
+                dtype: torch.dtype, compress_stride: int, device=None) -> torch.Tensor:
+    """A per-layer KV cache laid out as vLLM hands it over: the logical [B, H, N, 2D] view
+    of LBNHC pages, each padded by its N/d compressed entries (`customize_spec`), filled
+    with NaN (tests poison with it; warm-up reads it)."""
+    content = 2 * head_size
+    raw = page_size * num_kv_heads * content
+    padded = raw + (page_size // compress_stride) * num_kv_heads * content
+    buf = torch.full((num_pages * padded,), float("nan"), dtype=dtype, device=device)
+    return torch.as_strided(buf, (num_pages, num_kv_heads, page_size, content),
+                            (padded, content, num_kv_heads * content, 1))
+
+
 def paged_ops(device: torch.device):
     """The stage functions for this device: Triton on CUDA, the torch twin elsewhere (same
     names and signatures)."""
@@ -372,6 +385,11 @@ class NSAAttentionBackend(AttentionBackend):
 
 
 # ------------------------------------------------------------------ impl
+# Kernel variants compiled in this process, by layer shape (Triton caches the kernels
+# themselves; this only skips re-running the warm-up batches for every layer).
+_WARMED_UP: set = set()
+
+
 class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes: list[float] | None, sliding_window: int | None,
@@ -408,6 +426,27 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
         self.gated = nsa_gated
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        """Engine start: compile every kernel variant a served step can launch, on a
+        dummy cache of the real page layout, so no request ever waits for a compile."""
+        from vllm.platforms import current_platform
+        vllm_config = get_current_vllm_config()
+        page_size = vllm_config.cache_config.block_size
+        device = torch.device(current_platform.device_type)
+        key = (self.config, self.gated, self.num_heads, self.num_kv_heads, self.head_size,
+               act_dtype, page_size, vllm_config.model_config.max_model_len, device)
+        if key in _WARMED_UP:
+            return
+        kv_cache = page_buffer(2, page_size, self.num_kv_heads, self.head_size, act_dtype,
+                               self.config.compress_stride, device)
+        width = -(-vllm_config.model_config.max_model_len // page_size)
+        batches = paged_ops(device).warm_up(
+            *split_kv_cache(kv_cache, self.head_size, self.config.compress_stride),
+            self.num_heads, width, self.config, self.gated)
+        _WARMED_UP.add(key)
+        if batches:
+            logger.info("NSA kernels compiled for %d warm-up batches", batches)
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,

@@ -45,9 +45,10 @@ def _attend_tile(q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, p
 
 @triton.jit
 def _finish_set(out_ptrs, part_max_ptr, part_sum_ptr, part_acc_ptr, part, row_max, row_sum,
-                acc, row_valid, DV: tl.constexpr, SPLITS: tl.constexpr):
-    """One branch set's result: normalised into its output, or this split's partial."""
-    if SPLITS == 1:
+                acc, row_valid, DV: tl.constexpr):
+    """One branch set's result: normalised into its output (unsplit: no partials), or
+    this split's partial."""
+    if part_max_ptr is None:
         tl.store(out_ptrs, normalise(acc, row_sum).to(out_ptrs.dtype.element_ty),
                  mask=row_valid[:, None])
     else:
@@ -55,7 +56,7 @@ def _finish_set(out_ptrs, part_max_ptr, part_sum_ptr, part_acc_ptr, part, row_ma
                       row_valid, DV, True)
 
 
-@triton.jit(do_not_specialize=["num_reqs"])
+@triton.jit(do_not_specialize=["num_reqs", "num_splits", "steps_per_split"])
 def _attend_kernel(
         q_ptr,              # [N, HQ, D]
         key_cache_ptr,      # [P, page_size, H, D]
@@ -65,13 +66,15 @@ def _attend_kernel(
         seq_lens_ptr,       # [R] int32
         indices_ptr,        # [N, H, TOPK] int32 selected blocks, ascending, -1 padded
         out_ptr,            # [N, HQ, DV] view: o_slc (gated) or the merged output
-        part_max_ptr,       # [N, HQ, SETS, SPLITS] (split)
-        part_sum_ptr,       # [N, HQ, SETS, SPLITS] (split)
-        part_acc_ptr,       # [N, HQ, SETS, SPLITS, DV] (split)
+        part_max_ptr,       # [N, HQ, SETS, num_splits] (split; None: unsplit)
+        part_sum_ptr,       # [N, HQ, SETS, num_splits] (split)
+        part_acc_ptr,       # [N, HQ, SETS, num_splits, DV] (split)
         # strides (elements); out_set: o_win's distance from o_slc (gated)
         q_tok, q_head, kc_page, kc_slot, kc_head, vc_page, vc_slot, vc_head, table_row,
         out_tok, out_head, out_set,
         num_reqs, num_heads, num_kv_heads,
+        num_splits,         # programs sharing one (token, KV head)'s tile list
+        steps_per_split,    # tiles of that list per split
         qk_scale,           # softmax scale * log2(e)
         G: tl.constexpr,
         ROWS: tl.constexpr,     # G padded to >= 16 rows for tl.dot
@@ -79,9 +82,8 @@ def _attend_kernel(
         SELECT_BLOCK: tl.constexpr,
         BLOCK_K: tl.constexpr,  # keys per tile
         TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, WINDOW: tl.constexpr,
-        STEPS_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, GATED: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    """Grid (N, H, SPLITS): one program owns one token x the G query heads of one KV head
+        GATED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (N, H, num_splits): one program owns one token x the G query heads of one KV head
     and the split'th range of its tile list (TOPK * l'/BLOCK_K selected tiles, then the
     window's tiles). Sets: 0 = selected (+ window when merged), 1 = window (gated).
     Mirrors paged.attend."""
@@ -107,11 +109,11 @@ def _attend_kernel(
     dv = tl.arange(0, DV)
     out_ptrs = out_ptr + token * out_tok + head[:, None] * out_head + dv[None, :]
     SETS: tl.constexpr = 1 + GATED
-    part = ((token * num_heads + head) * SETS) * SPLITS + split
+    part = ((token * num_heads + head) * SETS) * num_splits + split
 
     SUB: tl.constexpr = SELECT_BLOCK // BLOCK_K
-    step_lo = split * STEPS_PER_SPLIT
-    step_hi = step_lo + STEPS_PER_SPLIT
+    step_lo = split * steps_per_split
+    step_hi = step_lo + steps_per_split
     row_max = tl.full([ROWS], float("-inf"), tl.float32)
     row_sum = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, DV], tl.float32)
@@ -127,7 +129,7 @@ def _attend_kernel(
             PAGE_SIZE, D, DV, DOT_PRECISION)
     if GATED:
         _finish_set(out_ptrs, part_max_ptr, part_sum_ptr, part_acc_ptr, part, row_max,
-                    row_sum, acc, row_valid, DV, SPLITS)
+                    row_sum, acc, row_valid, DV)
         row_max = tl.full([ROWS], float("-inf"), tl.float32)
         row_sum = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, DV], tl.float32)
@@ -154,7 +156,7 @@ def _attend_kernel(
                     row_max, row_sum, acc, PAGE_SIZE, D, DV, DOT_PRECISION)
     last_set = SETS - 1
     _finish_set(out_ptrs + last_set * out_set, part_max_ptr, part_sum_ptr, part_acc_ptr,
-                part + last_set * SPLITS, row_max, row_sum, acc, row_valid, DV, SPLITS)
+                part + last_set * num_splits, row_max, row_sum, acc, row_valid, DV)
 
 
 def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -184,11 +186,12 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
         vc_head=value_cache.stride(2), table_row=block_table.stride(0),
         out_tok=o_slc.stride(0), out_head=o_slc.stride(1), out_set=out_set,
         num_reqs=plan.num_reqs, num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads,
+        num_splits=plan.attend_splits,
+        steps_per_split=-(-plan.attend_steps // plan.attend_splits),
         qk_scale=scale * LOG2E.value,
         G=plan.group, ROWS=plan.attend_rows, D=plan.head_dim, DV=plan.value_dim,
         PAGE_SIZE=plan.page_size, SELECT_BLOCK=config.select_block, BLOCK_K=plan.block_k,
         TOPK=config.select_topk, TOPK_PAD=pow2(config.select_topk), WINDOW=config.window,
-        STEPS_PER_SPLIT=-(-plan.attend_steps // plan.attend_splits),
-        SPLITS=plan.attend_splits, GATED=gated, DOT_PRECISION=plan.dot_precision)
+        GATED=gated, DOT_PRECISION=plan.dot_precision)
     if split:
         combine(parts, query_start_loc, o_slc, out_set, None)

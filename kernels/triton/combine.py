@@ -9,14 +9,14 @@ import triton
 import triton.language as tl
 
 from vllm_nsa.kernels.triton.common import LN2, log2_sum_exp
-from vllm_nsa.kernels.triton.plan import Partials, pow2
+from vllm_nsa.kernels.triton.plan import MAX_SPLITS, Partials
 
 
-@triton.jit(do_not_specialize=["num_reqs"])
+@triton.jit(do_not_specialize=["num_reqs", "num_splits"])
 def _combine_kernel(
-        part_max_ptr,       # [N, HQ, SETS, SPLITS] float32 running max (base 2)
-        part_sum_ptr,       # [N, HQ, SETS, SPLITS] float32 running sum
-        part_acc_ptr,       # [N, HQ, SETS, SPLITS, DV] float32 unnormalised output
+        part_max_ptr,       # [N, HQ, SETS, num_splits] float32 running max (base 2)
+        part_sum_ptr,       # [N, HQ, SETS, num_splits] float32 running sum
+        part_acc_ptr,       # [N, HQ, SETS, num_splits, DV] float32 unnormalised output
         qsl_ptr,            # [R+1] int32 query_start_loc
         out_ptr,            # set 0's output [N, HQ, DV] view (None: LSE only)
         lse_ptr,            # [N, HQ] float32 natural-log LSE of set 0 (None: not wanted)
@@ -24,19 +24,19 @@ def _combine_kernel(
         out_tok, out_head, out_set,
         num_reqs,
         num_heads,
+        num_splits,
         DV: tl.constexpr,
         SETS: tl.constexpr,
-        SPLITS: tl.constexpr,
-        SPLITS_PAD: tl.constexpr):
-    """Grid (N, HQ, SETS): one program merges the SPLITS partials of one (token, head,
+        SPLITS_PAD: tl.constexpr):   # a power of two >= num_splits
+    """Grid (N, HQ, SETS): one program merges the num_splits partials of one (token, head,
     set) into its normalised output and/or its LSE. Padding tokens are skipped."""
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     branch_set = tl.program_id(2)
     if token < tl.load(qsl_ptr + num_reqs):
         splits = tl.arange(0, SPLITS_PAD)
-        part = ((token * num_heads + head) * SETS + branch_set) * SPLITS + splits
-        split_ok = splits < SPLITS
+        part = ((token * num_heads + head) * SETS + branch_set) * num_splits + splits
+        split_ok = splits < num_splits
         split_max = tl.load(part_max_ptr + part, mask=split_ok, other=float("-inf"))
         total_max = tl.max(split_max, axis=0)
         weight = tl.exp2(split_max - tl.where(total_max == float("-inf"), 0.0, total_max))
@@ -65,6 +65,6 @@ def combine(parts: Partials, query_start_loc: torch.Tensor, output: torch.Tensor
         qsl_ptr=query_start_loc, out_ptr=output, lse_ptr=lse,
         out_tok=output.stride(0) if output is not None else 0,
         out_head=output.stride(1) if output is not None else 0, out_set=out_set,
-        num_reqs=query_start_loc.shape[0] - 1, num_heads=num_heads,
-        DV=parts.acc.shape[-1] if parts.acc is not None else 16, SETS=sets, SPLITS=splits,
-        SPLITS_PAD=pow2(splits))
+        num_reqs=query_start_loc.shape[0] - 1, num_heads=num_heads, num_splits=splits,
+        DV=parts.acc.shape[-1] if parts.acc is not None else 16, SETS=sets,
+        SPLITS_PAD=MAX_SPLITS)

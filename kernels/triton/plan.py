@@ -15,6 +15,9 @@ from vllm_nsa.config import NSAConfig
 
 # Rows of a query tile in the tensor-core dots (tl.dot needs >= 16).
 MIN_ROWS = 16
+# Split counts are runtime arguments (a new batch shape never compiles a new kernel); the
+# merges size their loads by this cap.
+MAX_SPLITS = 64
 
 
 def pow2(x: int) -> int:
@@ -28,11 +31,10 @@ def num_sms(device: torch.device) -> int:
 
 
 def fill_splits(busy_programs: int, max_work_items: int, device: torch.device) -> int:
-    """Programs per unit of work so about 4 waves of programs fill the GPU. Powers of two
-    only: the split count is a compile-time constant, so new batch shapes and context
-    lengths reuse a handful of compiled kernels (splits left without work cost nothing)."""
+    """Programs per unit of work so about 4 waves of programs fill the GPU, a power of two
+    at most MAX_SPLITS (splits left without work cost nothing)."""
     wanted = -(-4 * num_sms(device) // max(1, busy_programs))
-    return pow2(max(1, min(max_work_items, wanted)))
+    return min(MAX_SPLITS, pow2(max(1, min(max_work_items, wanted))))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -92,7 +94,7 @@ class StepPlan:
     score_parts: Partials | None     # scan split: partials for combine
     # Decode selection scratch, rows sized by the block table's capacity, so no context
     # the cache can hold overflows them.
-    blocks_row: int          # selection blocks per row (power of two)
+    blocks_row: int          # selection blocks per row (whole scan tiles)
     tiles_row: int           # scan tiles per row
     block_sums: torch.Tensor | None   # [N, HQ, blocks_row] per-tile block sums
     tile_max: torch.Tensor | None     # [N, HQ, tiles_row] their reference max
@@ -162,8 +164,8 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
         busy_tiles = min(num_q_tiles, -(-num_tokens // block_t))
     scan_splits = num_splits or fill_splits(num_kv_heads * max(1, busy_tiles), scan_tiles,
                                             device)
-    blocks_row = pow2(config.num_select_blocks(block_table.shape[1] * page_size))
-    tiles_row = -(-blocks_row // tile_blocks)
+    tiles_row = -(-config.num_select_blocks(block_table.shape[1] * page_size) // tile_blocks)
+    blocks_row = tiles_row * tile_blocks
     decode_scratch = dict(block_sums=None, tile_max=None, tile_spill=None, block_scores=None)
     if decode:
         decode_scratch = dict(

@@ -31,7 +31,7 @@ from vllm_nsa.kernels.triton.common import (
 from vllm_nsa.kernels.triton.plan import StepPlan
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _score_kernel(
         q_ptr,              # [N, HQ, D]
         cmp_key_ptr,        # [P, page_size / d, H, D]
@@ -41,11 +41,11 @@ def _score_kernel(
         tile_qoff_ptr,      # [tiles] int32 first query offset of each tile (None: decode)
         qsl_ptr,            # [R+1] int32 query_start_loc
         seq_lens_ptr,       # [R] int32
-        lse_ptr,            # [N, HQ] float32 natural-log LSE (unsplit)
+        lse_ptr,            # [N, HQ] float32 natural-log LSE (unsplit; None: split)
         o_cmp_ptr,          # [N, HQ, DV] view (unsplit, WRITE_CMP)
-        part_max_ptr,       # [N, HQ, 1, SPLITS] (split)
-        part_sum_ptr,       # [N, HQ, 1, SPLITS] (split)
-        part_acc_ptr,       # [N, HQ, 1, SPLITS, DV] (split, WRITE_CMP)
+        part_max_ptr,       # [N, HQ, 1, num_splits] (split)
+        part_sum_ptr,       # [N, HQ, 1, num_splits] (split)
+        part_acc_ptr,       # [N, HQ, 1, num_splits, DV] (split, WRITE_CMP)
         block_sums_ptr,     # [N, HQ, blocks_row] float32 out (KEEP_BLOCK_SUMS)
         tile_max_ptr,       # [N, HQ, tiles_row] float32 out: m_c (KEEP_BLOCK_SUMS)
         tile_spill_ptr,     # [N, HQ, tiles_row] float32 out (KEEP_BLOCK_SUMS)
@@ -53,6 +53,7 @@ def _score_kernel(
         q_tok, q_head, ck_page, ck_slot, ck_head, cv_page, cv_slot, cv_head, table_row,
         o_tok, o_head, blocks_row, tiles_row,
         num_heads,
+        num_splits,         # programs sharing one query tile's scan
         qk_scale,           # softmax scale * log2(e)
         G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr,
         D: tl.constexpr, DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -60,9 +61,9 @@ def _score_kernel(
         SELECT_BLOCK: tl.constexpr,
         BC: tl.constexpr,   # compressed entries per scan tile
         BB: tl.constexpr,   # selection blocks per scan tile (BC * d / l')
-        SPLITS: tl.constexpr, DECODE: tl.constexpr, WRITE_CMP: tl.constexpr,
+        DECODE: tl.constexpr, WRITE_CMP: tl.constexpr,
         KEEP_BLOCK_SUMS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (query tiles, H, SPLITS): one program owns a tile of BLOCK_T query tokens x the
+    """Grid (query tiles, H, num_splits): one program owns a tile of BLOCK_T query tokens x the
     G query heads of one KV head, and the split'th share of the scan tiles its rows can
     see (shares follow each request's own context); online softmax over them. Unsplit it
     writes LSE (and o_cmp); split it writes partials that `combine` merges. With
@@ -83,7 +84,7 @@ def _score_kernel(
                 mask=row_valid[:, None], other=0.0)
     num_visible = num_compressed(last_position, COMPRESS_BLOCK, COMPRESS_STRIDE)
     num_tiles = tl.cdiv(num_visible, BC)
-    tiles_per_split = tl.cdiv(num_tiles, SPLITS)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     head_row = token64 * num_heads + head
@@ -118,7 +119,7 @@ def _score_kernel(
                      mask=row_valid[:, None])
             tl.store(tile_max_ptr + head_row * tiles_row + c, reference_max, mask=row_valid)
             tl.store(tile_spill_ptr + head_row * tiles_row + c, spill, mask=row_valid)
-    if SPLITS == 1:
+    if lse_ptr is not None:
         tl.store(lse_ptr + head_row, log2_sum_exp(row_max, row_sum) * LN2, mask=row_valid)
         if WRITE_CMP:
             dv = tl.arange(0, DV)
@@ -126,7 +127,7 @@ def _score_kernel(
                      + dv[None, :], normalise(acc, row_sum).to(o_cmp_ptr.dtype.element_ty),
                      mask=row_valid[:, None])
     else:
-        store_partial(part_max_ptr, part_sum_ptr, part_acc_ptr, head_row * SPLITS + split,
+        store_partial(part_max_ptr, part_sum_ptr, part_acc_ptr, head_row * num_splits + split,
                       row_max, row_sum, acc, row_valid, DV, WRITE_CMP)
 
 
@@ -158,12 +159,13 @@ def score(q: torch.Tensor, cmp_key_cache: torch.Tensor, cmp_value_cache: torch.T
         o_tok=o_cmp.stride(0) if o_cmp is not None else 0,
         o_head=o_cmp.stride(1) if o_cmp is not None else 0,
         blocks_row=plan.blocks_row, tiles_row=plan.tiles_row, num_heads=plan.num_heads,
+        num_splits=plan.scan_splits,
         qk_scale=scale * LOG2E.value,
         G=plan.group, GP=plan.group_pad, BLOCK_T=plan.block_t, D=plan.head_dim,
         DV=plan.value_dim, PAGE_SIZE=plan.page_size,
         COMPRESS_STRIDE=config.compress_stride, COMPRESS_BLOCK=config.compress_block,
         SELECT_BLOCK=config.select_block, BC=plan.select_tile_entries,
-        BB=plan.select_tile_blocks, SPLITS=plan.scan_splits, DECODE=plan.decode,
+        BB=plan.select_tile_blocks, DECODE=plan.decode,
         WRITE_CMP=o_cmp is not None, KEEP_BLOCK_SUMS=plan.block_sums is not None,
         DOT_PRECISION=plan.dot_precision)
     if split:

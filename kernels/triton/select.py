@@ -24,7 +24,7 @@ from vllm_nsa.kernels.triton.common import (
     tile_request,
     tile_rows,
 )
-from vllm_nsa.kernels.triton.plan import StepPlan, pow2
+from vllm_nsa.kernels.triton.plan import MAX_SPLITS, StepPlan, pow2
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def _keys_to_indices(keys, rank, TOPK: tl.constexpr):
     return tl.where(blocks == big, -1, blocks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _select_kernel(
         q_ptr,              # [N, HQ, D]
         cmp_key_ptr,        # [P, page_size / d, H, D]
@@ -58,10 +58,11 @@ def _select_kernel(
         seq_lens_ptr,       # [R] int32
         lse_ptr,            # [N, HQ] float32 natural-log LSE from `score`
         indices_ptr,        # [N, H, TOPK] int32 out (unsplit)
-        candidates_ptr,     # [N, H, SPLITS, BB] int64 out (split)
+        candidates_ptr,     # [N, H, num_splits, BB] int64 out (split; None: unsplit)
         # strides (elements)
         q_tok, q_head, ck_page, ck_slot, ck_head, table_row,
         num_heads, num_kv_heads,
+        num_splits,         # programs sharing one query tile's scan
         qk_scale,           # softmax scale * log2(e)
         G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
         PAGE_SIZE: tl.constexpr, COMPRESS_STRIDE: tl.constexpr,
@@ -69,8 +70,8 @@ def _select_kernel(
         BC: tl.constexpr,   # compressed entries per scan tile
         BB: tl.constexpr,   # selection blocks per scan tile
         TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
-        SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (query tiles, H, SPLITS), the score stage's tiles (prefill and mixed batches):
+        DOT_PRECISION: tl.constexpr):
+    """Grid (query tiles, H, num_splits), the score stage's tiles (prefill and mixed batches):
     one program rescans its split's share of the compressed keys for BLOCK_T tokens x G
     heads, turns probabilities 2^(s - LSE) into block importance (group sum, then omega),
     ranks forced blocks +inf, and keeps each token's top-n. Mirrors paged.select."""
@@ -96,7 +97,7 @@ def _select_kernel(
     tok_valid = q_off + toks < q_len
     current_block = (context + q_off + toks) // SELECT_BLOCK                 # [BLOCK_T]
     num_tiles = tl.cdiv(last_position // SELECT_BLOCK + 1, BB)
-    tiles_per_split = tl.cdiv(num_tiles, SPLITS)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     # The tile before a split's range only feeds the spill into the split's first block.
@@ -146,33 +147,33 @@ def _select_kernel(
         improves = tl.sum((tl.max(key, axis=1) > tl.min(best, axis=1)).to(tl.int32), axis=0)
         if improves > 0:
             best = _keep_top(best, key, BLOCK_T, BB)
-    if SPLITS == 1:
+    if candidates_ptr is None:
         indices = _keys_to_indices(best, block_offs[None, :], TOPK)
         tl.store(indices_ptr + (token_ids[:, None] * num_kv_heads + kv_head) * TOPK
                  + block_offs[None, :], indices,
                  mask=tok_valid[:, None] & (block_offs[None, :] < TOPK))
     else:
-        tl.store(candidates_ptr + ((token_ids[:, None] * num_kv_heads + kv_head) * SPLITS
+        tl.store(candidates_ptr + ((token_ids[:, None] * num_kv_heads + kv_head) * num_splits
                                    + split) * BB + block_offs[None, :], best,
                  mask=tok_valid[:, None])
 
 
-@triton.jit(do_not_specialize=["num_reqs"])
+@triton.jit(do_not_specialize=["num_reqs", "num_splits"])
 def _merge_topk_kernel(
-        candidates_ptr,     # [N, H, SPLITS, BB] int64 packed (score bits, 0x7FFFFFFF - block)
+        candidates_ptr,     # [N, H, num_splits, BB] int64 packed (score bits, 0x7FFFFFFF - block)
         qsl_ptr,            # [R+1] int32 query_start_loc
         indices_ptr,        # [N, H, TOPK] int32 out
-        num_reqs, num_kv_heads,
-        SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BB: tl.constexpr,
-        TOPK: tl.constexpr):
+        num_reqs, num_kv_heads, num_splits,
+        SPLITS_PAD: tl.constexpr,   # a power of two >= num_splits
+        BB: tl.constexpr, TOPK: tl.constexpr):
     """Grid (N, H): one program merges one (token, KV head)'s per-split top-n candidates
     into its ascending top-n indices. Padding tokens are skipped."""
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     if token < tl.load(qsl_ptr + num_reqs):
         offs = tl.arange(0, SPLITS_PAD * BB)
-        keys = tl.load(candidates_ptr + (token * num_kv_heads + kv_head) * SPLITS * BB + offs,
-                       mask=offs < SPLITS * BB, other=-1)
+        keys = tl.load(candidates_ptr + (token * num_kv_heads + kv_head) * num_splits * BB
+                       + offs, mask=offs < num_splits * BB, other=-1)
         keys = tl.sort(keys, descending=True)
         indices = _keys_to_indices(keys, offs, TOPK)
         tl.store(indices_ptr + (token * num_kv_heads + kv_head) * TOPK + offs, indices,
@@ -303,7 +304,7 @@ def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tens
             seq_lens_ptr=seq_lens, block_scores_ptr=plan.block_scores,
             indices_ptr=block_indices, blocks_row=plan.blocks_row, tiles_row=plan.tiles_row,
             num_reqs=plan.num_reqs, num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads,
-            G=plan.group, CHUNK=min(plan.blocks_row, 1024), **common)
+            G=plan.group, CHUNK=min(pow2(plan.blocks_row), 1024), **common)
         return block_indices
     _select_kernel[(plan.num_q_tiles, plan.num_kv_heads, plan.scan_splits)](
         q_ptr=q, cmp_key_ptr=cmp_key_cache, table_ptr=block_table,
@@ -313,14 +314,14 @@ def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tens
         q_tok=q.stride(0), q_head=q.stride(1),
         ck_page=cmp_key_cache.stride(0), ck_slot=cmp_key_cache.stride(1),
         ck_head=cmp_key_cache.stride(2), table_row=block_table.stride(0),
-        num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads, qk_scale=scale * LOG2E.value,
+        num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads, num_splits=plan.scan_splits,
+        qk_scale=scale * LOG2E.value,
         G=plan.group, GP=plan.group_pad, BLOCK_T=plan.block_t, D=plan.head_dim,
-        PAGE_SIZE=plan.page_size, SPLITS=plan.scan_splits, DOT_PRECISION=plan.dot_precision,
-        **common)
+        PAGE_SIZE=plan.page_size, DOT_PRECISION=plan.dot_precision, **common)
     if plan.select_candidates is not None:
         _merge_topk_kernel[grid](
             candidates_ptr=plan.select_candidates, qsl_ptr=query_start_loc,
             indices_ptr=block_indices, num_reqs=plan.num_reqs, num_kv_heads=plan.num_kv_heads,
-            SPLITS=plan.scan_splits, SPLITS_PAD=pow2(plan.scan_splits),
-            BB=plan.select_tile_blocks, TOPK=config.select_topk)
+            num_splits=plan.scan_splits, SPLITS_PAD=MAX_SPLITS, BB=plan.select_tile_blocks,
+            TOPK=config.select_topk)
     return block_indices
