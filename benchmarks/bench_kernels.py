@@ -281,7 +281,6 @@ def prefill(fa3, fla):
             with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
                 row["sdpa_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
                     qs, ks, vs, is_causal=True))
-            del ks, vs
             if fa3 is not None:
                 cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
                 try:
@@ -309,7 +308,6 @@ def prefill(fa3, fla):
             if "breakdown_gated" in row:
                 log(f"    kernels: {row['breakdown_gated']}")
             rows.append(row)
-            del b, q, k, v, out3, out1
             torch.cuda.empty_cache()
             RESULTS["prefill"] = rows
             dump()

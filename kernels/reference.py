@@ -62,8 +62,9 @@ def _over_query_chunks(num_q: int, num_heads: int, chunk: int, attend
 
 # ---------------------------------------------------------------- stage: compress
 def compress(k: torch.Tensor, v: torch.Tensor, config: NSAConfig
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """phi = mean over each compression window: [C, H, D], [C, H, Dv] with C = config.num_compressed(T)."""
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi = mean over each compression window: [C, H, D], [C, H, Dv] with
+    C = config.num_compressed(T)."""
     num_cmp = config.num_compressed(k.shape[0])
     work = _work_dtype(k)
 
