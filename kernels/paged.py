@@ -112,6 +112,8 @@ def score(q: torch.Tensor, cmp_key_cache: torch.Tensor, cmp_value_cache: torch.T
     (gated mode). Rows of padding tokens keep LSE -inf."""
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     for r, rows, positions, seq_len in _requests(query_start_loc, seq_lens):
+        if o_cmp is None and seq_len <= config.dense_tokens:
+            continue    # merged and every block selected: nothing needs the LSE
         table_row = block_table[r]
         k_cmp = gather_compressed(cmp_key_cache, table_row, seq_len, config)
         v_cmp = gather_compressed(cmp_value_cache, table_row, seq_len, config)
@@ -126,11 +128,20 @@ def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tens
            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, lse: torch.Tensor,
            config: NSAConfig, scale: float, plan=None) -> torch.Tensor:
     """Block selection from the compressed scores under the score stage's LSE: returns
-    block_indices [N, H, select_topk] int32, ascending, -1 padded (padding tokens: all -1)."""
+    block_indices [N, H, select_topk] int32, ascending, -1 padded (padding tokens: all -1).
+    Requests of at most n*l' tokens select every block (`NSAConfig.dense_tokens`) and read
+    no compressed key."""
     num_kv_heads = cmp_key_cache.shape[2]
     block_indices = torch.full((q.shape[0], num_kv_heads, config.select_topk), -1,
                                dtype=torch.int32, device=q.device)
     for r, rows, positions, seq_len in _requests(query_start_loc, seq_lens):
+        if seq_len <= config.dense_tokens:   # every block, whatever the scores
+            block_indices[rows, :, :config.num_select_blocks(seq_len)] = torch.arange(
+                config.num_select_blocks(seq_len), dtype=torch.int32, device=q.device)
+            block_indices[rows] = torch.where(
+                block_indices[rows] <= positions.view(-1, 1, 1) // config.select_block,
+                block_indices[rows], -1)
+            continue
         k_cmp = gather_compressed(cmp_key_cache, block_table[r], seq_len, config)
         block_indices[rows] = reference.select(q[rows], k_cmp, lse[rows], positions, seq_len,
                                                config, scale).to(torch.int32)

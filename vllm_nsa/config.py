@@ -93,6 +93,15 @@ class NSAConfig:
     def num_select_blocks(self, num_tokens: int) -> int:
         return -(-num_tokens // self.select_block)
 
+    @property
+    def dense_tokens(self) -> int:
+        """A query that sees at most this many tokens (n*l') has at most n candidate blocks,
+        so it selects every block whatever their scores: selection reads no compressed key
+        for it, and the merged mode is exactly dense causal attention over the raw K/V
+        (the compressed branch is not read at all). Past n*l' the top-n may pick blocks
+        inside the window, so the window does not make up for unselected ones."""
+        return self.select_topk * self.select_block
+
     # -- constructors ---------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "NSAConfig":

@@ -59,6 +59,7 @@ def _score_kernel(
         D: tl.constexpr, DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
         COMPRESS_STRIDE: tl.constexpr, COMPRESS_BLOCK: tl.constexpr,
         SELECT_BLOCK: tl.constexpr,
+        DENSE_BELOW: tl.constexpr,  # merged: positions < n*l' need no LSE (0 when gated)
         BC: tl.constexpr,   # compressed entries per scan tile
         BB: tl.constexpr,   # selection blocks per scan tile (BC * d / l')
         DECODE: tl.constexpr, WRITE_CMP: tl.constexpr,
@@ -83,6 +84,8 @@ def _score_kernel(
     q = tl.load(q_ptr + token64[:, None] * q_tok + head[:, None] * q_head + d[None, :],
                 mask=row_valid[:, None], other=0.0)
     num_visible = num_compressed(last_position, COMPRESS_BLOCK, COMPRESS_STRIDE)
+    # Rows that select every block whatever the scores skip the read (NSAConfig.dense_tokens).
+    num_visible = tl.where(last_position < DENSE_BELOW, 0, num_visible)
     num_tiles = tl.cdiv(num_visible, BC)
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
     tile_lo = split * tiles_per_split
@@ -164,7 +167,9 @@ def score(q: torch.Tensor, cmp_key_cache: torch.Tensor, cmp_value_cache: torch.T
         G=plan.group, GP=plan.group_pad, BLOCK_T=plan.block_t, D=plan.head_dim,
         DV=plan.value_dim, PAGE_SIZE=plan.page_size,
         COMPRESS_STRIDE=config.compress_stride, COMPRESS_BLOCK=config.compress_block,
-        SELECT_BLOCK=config.select_block, BC=plan.select_tile_entries,
+        SELECT_BLOCK=config.select_block,
+        DENSE_BELOW=0 if o_cmp is not None else config.dense_tokens,
+        BC=plan.select_tile_entries,
         BB=plan.select_tile_blocks, DECODE=plan.decode,
         WRITE_CMP=o_cmp is not None, KEEP_BLOCK_SUMS=plan.block_sums is not None,
         DOT_PRECISION=plan.dot_precision)

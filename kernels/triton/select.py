@@ -93,6 +93,8 @@ def _select_kernel(
     safe_lse = tl.where(lse == float("-inf"), 0.0, lse)
 
     num_visible = num_compressed(last_position, COMPRESS_BLOCK, COMPRESS_STRIDE)
+    # At most n candidate blocks: all are selected whatever the scores (read no key).
+    num_visible = tl.where(last_position < TOPK * SELECT_BLOCK, 0, num_visible)
     toks = tl.arange(0, BLOCK_T)
     tok_valid = q_off + toks < q_len
     current_block = (context + q_off + toks) // SELECT_BLOCK                 # [BLOCK_T]
@@ -216,8 +218,10 @@ def _select_decode_kernel(
     position = tl.load(seq_lens_ptr + req) - q_len + (token - q_begin)
     current_block = position // SELECT_BLOCK
     num_blocks = current_block + 1
-    # Scan tiles the score stage wrote for this row; later tiles hold no visible entry.
+    # Scan tiles the score stage wrote for this row; later tiles hold no visible entry. At
+    # most n candidate blocks: all are selected whatever the scores (none read).
     scanned_tiles = tl.cdiv(num_compressed(position, COMPRESS_BLOCK, COMPRESS_STRIDE), BC)
+    scanned_tiles = tl.where(position < TOPK * SELECT_BLOCK, 0, scanned_tiles)
     row = token * num_kv_heads + kv_head
     scores_row = block_scores_ptr + row * blocks_row
     offs = tl.arange(0, CHUNK)
