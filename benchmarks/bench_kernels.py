@@ -442,6 +442,50 @@ def compiled_variants():
     return added
 
 
+def host_time():
+    """Host (CPU) time of one layer's eager NSA forward in a mixed batch (the path of every
+    step with a prefill chunk): the plan made once per step, then per layer compress +
+    score + select + attend launches. Small shapes, so the GPU never holds the host back."""
+    log("== host time per layer, eager mixed batch (plan made once per step) ==")
+    hq, h = 32, 8
+    rows = {}
+    for gated in (False, True):
+        query_lens = [1] * 8 + [64]
+        b = paged_batch([2048] * len(query_lens), h, gen_seed=3)
+        qsl = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(),
+                           dtype=torch.int32, device=DEV)
+        q = torch.randn(int(qsl[-1]), hq, D, device=DEV, dtype=DT)
+        out = torch.empty((q.shape[0], hq, 3, D) if gated else (q.shape[0], hq, D),
+                          device=DEV, dtype=DT)
+        emit_req, emit_index = b["emit_req"][:64], b["emit_index"][:64]
+        caches = (b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"])
+
+        def layer(plan):
+            nsa_triton.compress(*caches, b["table"], emit_req, emit_index, CFG)
+            nsa_triton.nsa_paged_attention(q, *caches, b["table"], qsl, b["seq_lens"], CFG,
+                                           D ** -0.5, out, gated, plan)
+        plan = nsa_triton.make_plan(q, caches[0], caches[1], b["table"], qsl, CFG, gated,
+                                    max_query_len=max(query_lens), scan_bound=2048)
+        for _ in range(3):
+            layer(plan)
+        torch.cuda.synchronize()
+        calls = 200
+        start = time.perf_counter()
+        for _ in range(calls):
+            layer(plan)
+        host_us = (time.perf_counter() - start) / calls * 1e6
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(20):
+            nsa_triton.make_plan(q, caches[0], caches[1], b["table"], qsl, CFG, gated,
+                                 max_query_len=max(query_lens), scan_bound=2048)
+        plan_us = (time.perf_counter() - start) / 20 * 1e6
+        mode = "gated" if gated else "merged"
+        rows[mode] = dict(layer_host_us=host_us, plan_host_us=plan_us)
+        log(f"  {mode}: {host_us:.1f} us per layer (host), plan {plan_us:.1f} us per step")
+    return rows
+
+
 def dump():
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
@@ -474,6 +518,9 @@ def main():
         log(f"[{time.time() - t0:.0f}s]")
     if "variants" in parts:
         RESULTS["compiled_variants_after_warm_up"] = compiled_variants()
+        dump()
+    if "host" in parts:
+        RESULTS["host_time"] = host_time()
         dump()
     if "decode" in parts:
         decode(fa3, bw)
