@@ -6,11 +6,11 @@ Optional: FA3_DIR (folder with _vllm_fa3_C.abi3.so + flash_attn_interface.py, se
 the JSON; default benchmarks/results). Prints tables; writes kernels_<device>.json.
 
 1. Correctness at realistic shapes: a mixed batch (prefill chunks with cached context,
-   whole prompts, decodes at 8k-64k) on shuffled pages, bf16, merged and branches, and a
+   whole prompts, decodes at 8k-64k) on shuffled pages, bf16, merged and gated, and a
    decode-only batch through the split scan; outputs poisoned with NaN before each run;
    compared with the torch twin (kernels/paged.py): relative error, and block sets identical
    except near-ties (checked against the reference's group scores).
-2. Prefill 8k-64k, (HQ, H) = (32, 8), (64, 4), D = 128: NSA (three branches; merged too)
+2. Prefill 8k-64k, (HQ, H) = (32, 8), (64, 4), D = 128: NSA (gated: the three branch outputs; merged too)
    vs torch SDPA (flash) vs FA3 vs FLA parallel_nsa (G >= 16, no window).
 3. Decode, batch 1/8/32 at 8k/32k/64k, paged: NSA (eager and CUDA graph) vs FA3 paged decode,
    bytes/s on the spec's Table-4 bytes vs the measured copy bandwidth.
@@ -94,12 +94,12 @@ def paged_batch(seq_lens, num_kv_heads, gen_seed=0, page_size=PAGE):
                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEV))
 
 
-def run_nsa(impl, q, b, qsl, branches, **hints):
-    shape = (q.shape[0], q.shape[1], 3, D) if branches else (q.shape[0], q.shape[1], D)
+def run_nsa(impl, q, b, qsl, gated, **hints):
+    shape = (q.shape[0], q.shape[1], 3, D) if gated else (q.shape[0], q.shape[1], D)
     out = torch.full(shape, float("nan"), device=DEV, dtype=DT)   # poison
     idx = impl.nsa_paged_attention(q, b["key_cache"], b["value_cache"], b["cmp_key"],
                                    b["cmp_value"], b["table"], qsl, b["seq_lens"], CFG,
-                                   D ** -0.5, out, branches, **hints)
+                                   D ** -0.5, out, gated, **hints)
     return out, idx
 
 
@@ -117,10 +117,10 @@ def group_scores(q_rows, b, r, positions, num_kv_heads):
     return p_slc.reshape(p_slc.shape[0], num_kv_heads, -1, p_slc.shape[-1]).sum(2)
 
 
-def compare(name, q, b, qsl, branches, num_kv_heads, **hints):
-    out, idx = run_nsa(triton_nsa, q, b, qsl, branches, **hints)
+def compare(name, q, b, qsl, gated, num_kv_heads, **hints):
+    out, idx = run_nsa(triton_nsa, q, b, qsl, gated, **hints)
     torch.cuda.synchronize()
-    ref, ref_idx = run_nsa(paged, q, b, qsl, branches)
+    ref, ref_idx = run_nsa(paged, q, b, qsl, gated)
     unwritten = int(out.isnan().sum())
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     mismatch = (idx != ref_idx).any(-1)
@@ -170,19 +170,19 @@ def correctness():
         qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32,
                            device=DEV)
         q = torch.randn(sum(q_lens), hq, D, device=DEV, dtype=DT)
-        for branches in (False, True):
-            mode = "branches" if branches else "merged"
+        for gated in (False, True):
+            mode = "gated" if gated else "merged"
             res[f"mixed_{hq}_{h}_{mode}"] = compare(f"mixed batch ({hq},{h}) {mode}", q, b, qsl,
-                                                    branches, h)
+                                                    gated, h)
         # decode-only batch through the split scan (default split heuristic)
         dec = [8192, 32768, 65536, 12345]
         bd = paged_batch(dec, h, gen_seed=hq + 1)
         qd = torch.randn(len(dec), hq, D, device=DEV, dtype=DT)
         qsld = torch.arange(len(dec) + 1, dtype=torch.int32, device=DEV)
-        for branches in (False, True):
-            mode = "branches" if branches else "merged"
+        for gated in (False, True):
+            mode = "gated" if gated else "merged"
             res[f"decode_{hq}_{h}_{mode}"] = compare(
-                f"decode batch ({hq},{h}) {mode} split", qd, bd, qsld, branches, h,
+                f"decode batch ({hq},{h}) {mode} split", qd, bd, qsld, gated, h,
                 max_query_len=1, max_seq_len=65536)
         del b, bd
         torch.cuda.empty_cache()
@@ -259,7 +259,7 @@ def prefill(fa3, fla):
                     b["table"], qsl, b["seq_lens"], CFG, D ** -0.5)
             hints = dict(max_query_len=T, max_seq_len=T)
             row = dict(T=T, HQ=hq, H=h, nsa_flops=prefill_flops(T, hq))
-            row["nsa_branches_ms"] = bench(
+            row["nsa_gated_ms"] = bench(
                 lambda: triton_nsa.nsa_paged_attention(*args, out3, True, **hints))
             row["nsa_merged_ms"] = bench(
                 lambda: triton_nsa.nsa_paged_attention(*args, out1, False, **hints))
@@ -267,7 +267,7 @@ def prefill(fa3, fla):
                 b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"], b["table"],
                 b["emit_req"], b["emit_index"], CFG))
             if T == 65536:
-                row["breakdown_branches"] = kernel_breakdown(
+                row["breakdown_gated"] = kernel_breakdown(
                     lambda: triton_nsa.nsa_paged_attention(*args, out3, True, **hints))
             # dense baselines on contiguous K/V of the same size
             k = torch.randn(T, h, D, device=DEV, dtype=DT)
@@ -295,16 +295,16 @@ def prefill(fa3, fla):
                         window_size=0))
                 except Exception as exc:
                     log(f"  FLA parallel_nsa failed: {exc!r}")
-            row["nsa_tflops"] = row["nsa_flops"] / (row["nsa_branches_ms"] * 1e-3) / 1e12
+            row["nsa_tflops"] = row["nsa_flops"] / (row["nsa_gated_ms"] * 1e-3) / 1e12
             dense = row.get("fa3_ms", row["sdpa_ms"])
-            row["speedup_vs_dense"] = dense / row["nsa_branches_ms"]
-            log(f"  ({hq},{h}) T={T:6d}: NSA3 {row['nsa_branches_ms']:8.2f} ms  merged "
+            row["speedup_vs_dense"] = dense / row["nsa_gated_ms"]
+            log(f"  ({hq},{h}) T={T:6d}: NSA3 {row['nsa_gated_ms']:8.2f} ms  merged "
                 f"{row['nsa_merged_ms']:8.2f}  compress {row['compress_ms']:.2f}  "
                 f"SDPA {row['sdpa_ms']:8.2f}  FA3 {row.get('fa3_ms', float('nan')):8.2f}  "
                 f"FLA {row.get('fla_nsa_ms', float('nan')):8.2f}  "
                 f"x{row['speedup_vs_dense']:.2f} vs dense  {row['nsa_tflops']:.0f} TFLOP/s")
-            if "breakdown_branches" in row:
-                log(f"    kernels: {row['breakdown_branches']}")
+            if "breakdown_gated" in row:
+                log(f"    kernels: {row['breakdown_gated']}")
             rows.append(row)
             del b, q, k, v, out3, out1
             torch.cuda.empty_cache()
@@ -329,10 +329,10 @@ def decode(fa3, copy_bw):
             out = torch.empty(B, hq, 3, D, device=DEV, dtype=DT)
             out_merged = torch.empty(B, hq, D, device=DEV, dtype=DT)
 
-            def nsa(branches=True, **splits):
+            def nsa(gated=True, **splits):
                 return triton_nsa.nsa_paged_attention(
                     q, b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"], table,
-                    qsl, seq_lens, CFG, D ** -0.5, out if branches else out_merged, branches,
+                    qsl, seq_lens, CFG, D ** -0.5, out if gated else out_merged, gated,
                     max_query_len=1, max_seq_len=S, **splits)
 
             def graph_of(fn):

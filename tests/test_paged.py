@@ -27,8 +27,8 @@ def scatter_to_pages(seqs, page_size, num_pages, gen):
 
 
 @pytest.mark.parametrize("page_size", [16, 64])
-@pytest.mark.parametrize("branches", [False, True])
-def test_paged_matches_reference(page_size, branches):
+@pytest.mark.parametrize("gated", [False, True])
+def test_paged_matches_reference(page_size, gated):
     gen = torch.Generator().manual_seed(page_size)
     cfg = NSAConfig(compress_block=32, compress_stride=16, select_block=64, select_topk=4,
                     window=96)
@@ -51,12 +51,12 @@ def test_paged_matches_reference(page_size, branches):
                    torch.tensor(emit_req + pad), torch.tensor(emit_index + pad), cfg)
     q = torch.randn(sum(query_lens), HQ, D, generator=gen)
     qsl = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
-    out = torch.empty((q.shape[0], HQ, 3, D) if branches else (q.shape[0], HQ, D))
+    out = torch.empty((q.shape[0], HQ, 3, D) if gated else (q.shape[0], HQ, D))
     idx = nsa_paged_attention(q, key_cache, value_cache, cmp_k, cmp_v, table, qsl,
                               torch.tensor(seq_lens, dtype=torch.int32), cfg, D ** -0.5, out,
-                              branches)
+                              gated)
     for r, (k, v) in enumerate(seqs):
         rows = slice(int(qsl[r]), int(qsl[r + 1]))
-        expected, expected_idx = nsa_forward(q[rows], k, v, cfg, branches=branches)
+        expected, expected_idx = nsa_forward(q[rows], k, v, cfg, branches=gated)
         torch.testing.assert_close(out[rows], expected, atol=1e-5, rtol=1e-5)
         assert torch.equal(idx[rows].long(), expected_idx)

@@ -61,17 +61,17 @@ def build_caches(cfg, num_heads, page_size, dtype, seed):
     return seqs, key_cache, value_cache, caches, table, q, qsl
 
 
-def run_both(cfg, group, page_size, branches, dtype=torch.float32, seed=0, **hints):
+def run_both(cfg, group, page_size, gated, dtype=torch.float32, seed=0, **hints):
     seqs, key_cache, value_cache, caches, table, q, qsl = build_caches(
         cfg, H * group, page_size, dtype, seed)
     seq_lens = torch.tensor(SEQ_LENS, dtype=torch.int32)
-    shape = (q.shape[0], H * group, 3, D) if branches else (q.shape[0], H * group, D)
+    shape = (q.shape[0], H * group, 3, D) if gated else (q.shape[0], H * group, D)
     results = {}
     for name, impl in (("twin", paged), ("triton", triton_nsa)):
         output = torch.full(shape, float("nan"), dtype=dtype)   # poisoned: all must be written
         extra = hints if name == "triton" else {}
         indices = impl.nsa_paged_attention(q, key_cache, value_cache, *caches[name], table, qsl,
-                                           seq_lens, cfg, D ** -0.5, output, branches, **extra)
+                                           seq_lens, cfg, D ** -0.5, output, gated, **extra)
         results[name] = (output, indices)
     return seqs, q, qsl, caches, results
 
@@ -84,7 +84,7 @@ def test_compress_matches_twin(page_size):
         torch.testing.assert_close(kernel, twin, atol=1e-6, rtol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize("config, group, page_size, branches, hints", [
+@pytest.mark.parametrize("config, group, page_size, gated, hints", [
     ("paper", 1, 16, False, dict(num_splits=1)),
     ("paper", 3, 32, True, dict(num_splits=1)),
     ("paper", 4, 64, False, dict(num_splits=3)),
@@ -92,16 +92,16 @@ def test_compress_matches_twin(page_size):
     ("fla", 3, 16, False, dict(num_splits=2)),
     ("fine", 4, 32, True, dict()),
 ])
-def test_attention_matches_twin(config, group, page_size, branches, hints):
-    _, _, _, _, results = run_both(CONFIGS[config], group, page_size, branches, **hints)
+def test_attention_matches_twin(config, group, page_size, gated, hints):
+    _, _, _, _, results = run_both(CONFIGS[config], group, page_size, gated, **hints)
     (twin_out, twin_idx), (out, idx) = results["twin"], results["triton"]
     assert torch.equal(idx, twin_idx)
     assert not out.isnan().any()
     torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("branches", [False, True])
-def test_decode_batch_with_hint(branches):
+@pytest.mark.parametrize("gated", [False, True])
+def test_decode_batch_with_hint(gated):
     """All-decode batch through the decode path (tile = request, split sparse attention), as
     CUDA graphs pad it: an idle request in the middle and padding tokens past the last one."""
     cfg = CONFIGS["paper"]
@@ -122,12 +122,12 @@ def test_decode_batch_with_hint(branches):
     q = torch.randn(num_real + num_padding, 3 * H, D, generator=gen)
     qsl = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    shape = (q.shape[0], 3 * H, 3, D) if branches else (q.shape[0], 3 * H, D)
+    shape = (q.shape[0], 3 * H, 3, D) if gated else (q.shape[0], 3 * H, D)
     outputs = []
     for impl, hints in ((paged, {}), (triton_nsa, dict(max_query_len=1, max_seq_len=320))):
         out = torch.full(shape, float("nan"))
         idx = impl.nsa_paged_attention(q, key_cache, value_cache, cmp_key, cmp_value, table,
-                                       qsl, lens, cfg, D ** -0.5, out, branches, **hints)
+                                       qsl, lens, cfg, D ** -0.5, out, gated, **hints)
         outputs.append((out, idx))
     (twin_out, twin_idx), (out, idx) = outputs
     assert torch.equal(idx, twin_idx)
@@ -160,15 +160,15 @@ def test_decode_top_n_with_ties():
             assert indices[t, h].tolist() == expected, (t, h)
 
 
-@pytest.mark.parametrize("branches", [False, True])
-def test_half_precision_against_oracle(branches):
+@pytest.mark.parametrize("gated", [False, True])
+def test_half_precision_against_oracle(gated):
     """fp16 kernels vs the float64 oracle on the same (rounded) inputs. (The interpreter's
     bf16 tl.dot is wrong in Triton 3.9 — it returns garbage on a plain 16x16 product — so bf16
     is checked on the GPU by benchmarks/bench_kernels.py.)"""
     dtype = torch.float16
     cfg = CONFIGS["paper"]
     group = 3
-    seqs, q, qsl, _, results = run_both(cfg, group, 16, branches, dtype=dtype, seed=3)
+    seqs, q, qsl, _, results = run_both(cfg, group, 16, gated, dtype=dtype, seed=3)
     out, idx = results["triton"]
     gen = torch.Generator().manual_seed(11)
     for r, (k, v) in enumerate(seqs):
@@ -179,7 +179,7 @@ def test_half_precision_against_oracle(branches):
         _, oracle_idx, group_scores = oracle_nsa(q_rows, k, v, cfg)
         assert_same_blocks_except_near_ties(idx[rows].long(), oracle_idx, group_scores,
                                             tolerance=1e-2)
-        if branches:
+        if gated:
             gates = torch.rand(q_rows.shape[0], q_rows.shape[1], 3, generator=gen,
                                dtype=torch.float64)
             expected, _, _ = oracle_nsa(q_rows, k, v, cfg, gates=gates,
