@@ -10,8 +10,8 @@ the JSON; default benchmarks/results). Prints tables; writes kernels_<device>.js
    decode-only batch through the split scan; outputs poisoned with NaN before each run;
    compared with the torch twin (kernels/paged.py): relative error, and block sets identical
    except near-ties (checked against the reference's group scores).
-2. Prefill 8k-64k, (HQ, H) = (32, 8), (64, 4), D = 128: NSA (gated: the three branch outputs; merged too)
-   vs torch SDPA (flash) vs FA3 vs FLA parallel_nsa (G >= 16, no window).
+2. Prefill 8k-64k, (HQ, H) = (32, 8), (64, 4), D = 128: NSA (gated: the three branch
+   outputs; merged too) vs torch SDPA (flash) vs FA3 vs FLA parallel_nsa (G >= 16, no window).
 3. Decode, batch 1/8/32 at 8k/32k/64k, paged: NSA (eager and CUDA graph) vs FA3 paged decode,
    bytes/s on the spec's Table-4 bytes vs the measured copy bandwidth.
 """
@@ -41,8 +41,7 @@ except ModuleNotFoundError:  # a bare checkout (the GPU machine): map kernels/ b
     sys.modules["vllm_nsa.kernels"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules["vllm_nsa.kernels"])
 from vllm_nsa.config import NSAConfig  # noqa: E402
-from vllm_nsa.kernels import paged, reference  # noqa: E402
-from vllm_nsa.kernels import triton_nsa  # noqa: E402
+from vllm_nsa.kernels import paged, reference, triton_nsa  # noqa: E402
 
 CFG = NSAConfig()  # paper: l=32, d=16, l'=64, n=16, w=512
 D = 128
@@ -278,7 +277,7 @@ def prefill(fa3, fla):
             with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
                 row["sdpa_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
                     qs, ks, vs, is_causal=True))
-            del ks, vs
+            ks = vs = None   # free them (rebound, not deleted: the lambdas above name them)
             if fa3 is not None:
                 cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
                 try:
@@ -306,7 +305,7 @@ def prefill(fa3, fla):
             if "breakdown_gated" in row:
                 log(f"    kernels: {row['breakdown_gated']}")
             rows.append(row)
-            del b, q, k, v, out3, out1
+            b = q = k = v = out3 = out1 = None   # free them before the next size
             torch.cuda.empty_cache()
             RESULTS["prefill"] = rows
             dump()

@@ -41,6 +41,7 @@ def engine_job(model_dir: str, kind: str, mode: str) -> dict:
     import random
 
     import torch
+
     from vllm import SamplingParams
     from vllm.v1.worker.gpu import cudagraph_utils
 

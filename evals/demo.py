@@ -28,6 +28,7 @@ def main() -> None:
         os.environ.setdefault(name, value)
 
     from transformers import AutoTokenizer
+
     from vllm import SamplingParams
 
     from evals.tasks.nsa_longctx import generate_docs

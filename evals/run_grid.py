@@ -207,7 +207,6 @@ def plot(path: Path, args: argparse.Namespace, accuracy: dict, reads: list[dict]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullLocator
 
     xs = [CONTEXT_LENGTHS[n] for n in args.lengths]

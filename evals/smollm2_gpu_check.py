@@ -86,6 +86,7 @@ def engine_list() -> list[dict]:
 def engine_job(job: dict) -> dict:
     """One engine, every prompt of the job: the worker process's whole job."""
     import torch
+
     import vllm
     from vllm import SamplingParams
     from vllm.platforms import current_platform

@@ -48,7 +48,8 @@ def decode_batch(rng, num_real, num_padded, config):
                                                                            dtype=torch.int32)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"l{c.compress_block}d{c.compress_stride}")
+@pytest.mark.parametrize("config", CONFIGS,
+                         ids=lambda c: f"l{c.compress_block}d{c.compress_stride}")
 def test_decode_emission_matches_host_emission(config):
     rng = random.Random(config.compress_block)
     for _ in range(50):

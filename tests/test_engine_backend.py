@@ -8,11 +8,6 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm_nsa import read_stats  # noqa: E402
-from vllm_nsa.config import NSAConfig  # noqa: E402
-from vllm_nsa.engine_runner import nsa_args  # noqa: E402
-from vllm_nsa.kernels.reference import nsa_attention  # noqa: E402
-from vllm_nsa.tiny import build_tiny_llama  # noqa: E402
 from engine_utils import (  # noqa: E402
     TEST_ENGINE,
     prompt_logprobs_of,
@@ -20,6 +15,11 @@ from engine_utils import (  # noqa: E402
     run_engine,
     tokens_of,
 )
+from vllm_nsa import read_stats  # noqa: E402
+from vllm_nsa.config import NSAConfig  # noqa: E402
+from vllm_nsa.engine_runner import nsa_args  # noqa: E402
+from vllm_nsa.kernels.reference import nsa_attention  # noqa: E402
+from vllm_nsa.tiny import build_tiny_llama  # noqa: E402
 
 # Small NSA parameters so prompts of ~1.2k tokens are several times window + n * l' (288).
 SPARSE = {"compress_block": 32, "compress_stride": 16, "select_block": 64,

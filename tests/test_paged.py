@@ -4,7 +4,7 @@ import torch
 
 from vllm_nsa.config import NSAConfig
 from vllm_nsa.kernels.paged import compress_paged, nsa_paged_attention
-from vllm_nsa.kernels.reference import nsa_attention, nsa_forward
+from vllm_nsa.kernels.reference import nsa_forward
 
 
 def scatter_to_pages(seqs, page_size, num_pages, gen):

@@ -70,7 +70,7 @@ class NSAConfig:
 
     # -- derived quantities used by every implementation ---------------------------
     def num_compressed(self, num_tokens: int) -> int:
-        """Compressed tokens complete among positions 0..num_tokens-1 (C(t) with t = num_tokens-1)."""
+        """Compressed tokens complete among positions 0..num_tokens-1 (C(t), t = num_tokens-1)."""
         if num_tokens < self.compress_block:
             return 0
         return (num_tokens - self.compress_block) // self.compress_stride + 1

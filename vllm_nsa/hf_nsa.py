@@ -92,7 +92,8 @@ class NSAModelConfig(PreTrainedConfig):
 
     @property
     def mlp_intermediate_size(self) -> int:
-        """FLA's GatedMLP rule: explicit size, else 2/3 * hidden_ratio * hidden rounded up to 256."""
+        """FLA's GatedMLP rule: explicit size, else 2/3 * hidden_ratio * hidden, rounded up to
+        a multiple of 256."""
         if self.intermediate_size is not None:
             return self.intermediate_size
         ratio = 4 if self.hidden_ratio is None else self.hidden_ratio
@@ -172,7 +173,8 @@ def checkpoint_head_dim(model_dir: str | None, config: NSAModelConfig) -> int | 
 # ------------------------------------------------------------------ layers
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FLA's RotaryEmbedding (GPT-NeoX halves, whole head rotated, float32 tables): [T, D/2] each."""
+    """FLA's RotaryEmbedding (GPT-NeoX halves, whole head rotated, float32 tables):
+    [T, D/2] each."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = torch.outer(positions.to(torch.float32), inv_freq)
     return freqs.cos(), freqs.sin()
