@@ -154,3 +154,13 @@ def test_layer_feature_rejected(layer_rejections, case):
     print(layer_rejections[case])
     assert layer_rejections[case].startswith("ValueError")
     assert re.search(LAYER_CASES[case][1], layer_rejections[case])
+
+
+def test_support_speaks_vllms_names():
+    """vllm_nsa.support is importable without vLLM, so it spells vLLM's values itself."""
+    from vllm.v1.attention.backend import AttentionType
+
+    from vllm_nsa import support
+
+    assert support.DECODER == AttentionType.DECODER
+    assert unsupported_reasons(NSAConfig(), attn_type=AttentionType.ENCODER_DECODER)

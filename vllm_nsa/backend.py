@@ -44,7 +44,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from vllm_nsa import read_stats
+from vllm_nsa import read_stats, support
 from vllm_nsa.config import NSAConfig
 from vllm_nsa.kernels.reference import decode_read_counts_batch
 from vllm_nsa.support import (
@@ -56,7 +56,7 @@ from vllm_nsa.support import (
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logging config
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = tuple(getattr(torch, name) for name in support.SUPPORTED_DTYPES)
 # Where a user puts NSA parameters for a dense model: --additional-config '{"nsa": {...}}'.
 ADDITIONAL_CONFIG_KEY = "nsa"
 
@@ -382,7 +382,7 @@ class NSAAttentionBackend(AttentionBackend):
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == AttentionType.DECODER
+        return attn_type == support.DECODER
 
     @classmethod
     def validate_configuration(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla,
