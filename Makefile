@@ -16,9 +16,11 @@ $(VENV)/.installed: pyproject.toml setup.cfg
 
 setup: $(VENV)/.installed
 
-# Two pytest processes: the Triton interpreter must be on from the start for the kernel
-# tests and off for everything that runs vLLM (tests/conftest.py picks the modules).
+# Lint first (ruff, configured in pyproject.toml), then two pytest processes: the Triton
+# interpreter must be on from the start for the kernel tests and off for everything that
+# runs vLLM (tests/conftest.py picks the modules).
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_ARGS)
 

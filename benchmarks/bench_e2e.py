@@ -38,12 +38,13 @@ import glob
 import gzip
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+from vllm_nsa.engine_runner import run_isolated, start_engine, stop_engine
+from vllm_nsa.read_stats import STATS_FILE_ENV, read_lines
 
 SHAPES = {
     "8b": dict(label="Llama-3-8B shape", kv_tokens=327_680, tie=False, hidden=4096,
@@ -97,19 +98,11 @@ def random_prompts(rng, count: int, length: int, vocab: int) -> list[dict]:
             for _ in range(count)]
 
 
-def read_stats(path: str, start_line: int) -> tuple[list[dict], int]:
-    if not os.path.exists(path):
-        return [], start_line
-    with open(path) as f:
-        lines = f.read().splitlines()
-    return [json.loads(line) for line in lines[start_line:]], len(lines)
-
-
-def run_engine(args, shape_name: str, backend: str) -> dict:
+def bench_engine(args, shape_name: str, backend: str) -> dict:
     """One engine, every context: the worker process's whole job."""
     import random
 
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     shape = SHAPES[shape_name]
     contexts = sorted(args.contexts)
@@ -130,7 +123,7 @@ def run_engine(args, shape_name: str, backend: str) -> dict:
                                      "torch_profiler_with_stack": False,
                                      "torch_profiler_use_gzip": True}
     started = time.perf_counter()
-    llm = LLM(**kwargs)
+    llm = start_engine(**kwargs)
     start_s = time.perf_counter() - started
     vllm_config = llm.llm_engine.vllm_config
     cache = vllm_config.cache_config
@@ -146,8 +139,8 @@ def run_engine(args, shape_name: str, backend: str) -> dict:
     # Warm-up: one long request compiles whatever kernel variants the profile run missed.
     llm.generate(random_prompts(rng, 1, max(contexts), shape["vocab"]),
                  SamplingParams(max_tokens=4, **detok), use_tqdm=False)
-    stats_path = os.environ.get("VLLM_NSA_STATS_FILE", "")
-    _, stats_line = read_stats(stats_path, 0)
+    stats_path = os.environ.get(STATS_FILE_ENV, "")
+    _, stats_line = read_lines(stats_path)
     for ctx in contexts:
         batch = batches[ctx]
         prompts = random_prompts(rng, batch, ctx, shape["vocab"])
@@ -162,7 +155,7 @@ def run_engine(args, shape_name: str, backend: str) -> dict:
             t = time.perf_counter()
             llm.generate(prompts, one, use_tqdm=False)                 # cached: the baseline
             cached_times.append(time.perf_counter() - t)
-            _, stats_line = read_stats(stats_path, stats_line)
+            _, stats_line = read_lines(stats_path, stats_line)
             t = time.perf_counter()
             outs = llm.generate(prompts, SamplingParams(max_tokens=1 + args.decode_steps,
                                                         **detok), use_tqdm=False)
@@ -175,7 +168,7 @@ def run_engine(args, shape_name: str, backend: str) -> dict:
                  "prefill_tok_s": batch * ctx / prefill_s, "cached_pass_s": cached_s,
                  "cached_pass_rounds_s": cached_times, "decode_rounds_s": decode_times,
                  "decode_step_ms": step_s * 1e3, "decode_tok_s": batch / step_s}
-        steps, stats_line = read_stats(stats_path, stats_line)
+        steps, stats_line = read_lines(stats_path, stats_line)
         decode_steps = [s for s in steps if s["decode_requests"] == batch]
         if decode_steps:
             entry["read_fraction"] = (sum(s["total"] for s in decode_steps) /
@@ -194,7 +187,7 @@ def run_engine(args, shape_name: str, backend: str) -> dict:
         time.sleep(5)  # the worker writes its trace after stop
         result["profile"] = summarize_profile(profile_dir, PROFILE_STEPS, wall_s, ctx,
                                               batches[ctx])
-    llm.llm_engine.engine_core.shutdown()
+    stop_engine(llm)
     return result
 
 
@@ -301,7 +294,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.worker:
         shape_name, backend, path = args.worker
-        result = run_engine(args, shape_name, backend)
+        result = bench_engine(args, shape_name, backend)
         with open(path, "w") as f:
             json.dump(result, f)
         return 0
@@ -314,7 +307,7 @@ def main() -> int:
             path = os.path.join(tempfile.mkdtemp(), f"{tag}.json")
             env = dict(os.environ)
             if backend == "NSA":
-                env["VLLM_NSA_STATS_FILE"] = os.path.join(tempfile.mkdtemp(), "stats.jsonl")
+                env[STATS_FILE_ENV] = os.path.join(tempfile.mkdtemp(), "stats.jsonl")
             cmd = [sys.executable, __file__, "--worker", shape_name, backend, path,
                    "--contexts", *map(str, args.contexts), "--decode-steps",
                    str(args.decode_steps), "--block-size", str(args.block_size),
@@ -322,19 +315,10 @@ def main() -> int:
             if args.profile:
                 cmd.append("--profile")
             print(f"=== {tag}", flush=True)
-            with open(os.path.join(args.out, f"e2e_{tag}.log"), "w") as log:
-                # Own process group: on a timeout the engine-core child dies too, or it
-                # would keep its GPU memory and every later engine would fail to start.
-                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-                try:
-                    rc = proc.wait(timeout=args.timeout)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    rc = "timeout"
-            if rc != 0:
-                failures.append(f"{tag}: {rc} (see e2e_{tag}.log)")
+            error = run_isolated(cmd, env=env, log_path=os.path.join(args.out, f"e2e_{tag}.log"),
+                                 timeout=args.timeout)
+            if error:
+                failures.append(f"{tag}: {error} (see e2e_{tag}.log)")
                 with open(os.path.join(args.out, f"e2e_{tag}.log")) as log:
                     print("".join(log.readlines()[-25:]), flush=True)
                 continue

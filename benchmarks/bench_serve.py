@@ -65,7 +65,8 @@ import tempfile
 import time
 import urllib.request
 
-from bench_e2e import SHAPES, device_name, read_stats, write_model_dir
+from bench_e2e import SHAPES, device_name, write_model_dir
+from vllm_nsa.read_stats import STATS_FILE_ENV, read_lines
 
 DENSE_BACKENDS = ("FLASH_ATTN", "CPU_ATTN")   # the ratio baseline: FLASH_ATTN on GPU
 MAX_LEN_MARGIN = 64            # max-model-len headroom past input + output
@@ -265,7 +266,7 @@ def run_backend(args, backend: str, model_dir: str, work_dir: str, on_cpu: bool)
     stats_path = ""
     if backend == "NSA" and args.nsa_stats:
         stats_path = os.path.join(work_dir, f"{backend}_stats.jsonl")
-        env["VLLM_NSA_STATS_FILE"] = stats_path
+        env[STATS_FILE_ENV] = stats_path
     # cwd is a scratch dir: `python -m` puts the cwd first on sys.path, and in the repo
     # root its vllm_nsa/ and kernels/ would shadow the installed package.
     cli = [sys.executable, "-m", "vllm_nsa.cli"]
@@ -293,7 +294,7 @@ def run_backend(args, backend: str, model_dir: str, work_dir: str, on_cpu: bool)
             result["kv_cache_max_requests"] = float(capacity.group(2))
         print(f"=== {tag}: server up in {result['server_start_s']:.1f} s, KV cache "
               f"{result.get('kv_cache_tokens')} tokens", flush=True)
-        _, stats_start = read_stats(stats_path, 0)
+        _, stats_start = read_lines(stats_path)
 
         bench_file = f"serve_{tag}_vllm_bench.json"
         bench_cmd = cli + [
@@ -328,7 +329,7 @@ def run_backend(args, backend: str, model_dir: str, work_dir: str, on_cpu: bool)
             print(f"client failed ({rc}); log tail:\n{log_tail(client_log)}", flush=True)
             result["problems"].append(f"vllm bench serve: {rc} (see {result['client_log']})")
 
-        steps, _ = read_stats(stats_path, stats_start)
+        steps, _ = read_lines(stats_path, stats_start)
         if steps:
             result["read_fraction"] = (sum(s["total"] for s in steps) /
                                        sum(s["dense"] for s in steps))

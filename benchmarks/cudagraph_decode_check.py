@@ -26,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 
+from vllm_nsa.engine_runner import nsa_args, start_engine
+
 PROMPT_LENGTHS = (37, 300, 777, 1500, 2200, 3100)
 MAX_TOKENS = (40, 33, 25, 18, 40, 9)
 CAPTURE_SIZES = [1, 2, 4, 8]
@@ -34,12 +36,13 @@ LLAMA_NSA = {"compress_block": 32, "compress_stride": 16, "select_block": 64,
 MODES = ("PIECEWISE", "FULL_AND_PIECEWISE", "EAGER")
 
 
-def run_engine(model_dir: str, kind: str, mode: str) -> dict:
+def engine_job(model_dir: str, kind: str, mode: str) -> dict:
     """One engine in this process: greedy tokens, sampled logprobs, graph replay counts."""
     import random
 
     import torch
-    from vllm import LLM, SamplingParams
+
+    from vllm import SamplingParams
     from vllm.v1.worker.gpu import cudagraph_utils
 
     replays = {"graph": 0, "full": 0}
@@ -59,15 +62,13 @@ def run_engine(model_dir: str, kind: str, mode: str) -> dict:
 
     kwargs = dict(model=model_dir, dtype="float32", max_model_len=4096, block_size=64,
                   max_num_seqs=8, seed=0, gpu_memory_utilization=0.5,
-                  attention_backend="NSA")
-    if kind == "llama":
-        kwargs["additional_config"] = {"nsa": LLAMA_NSA}
+                  **(nsa_args(LLAMA_NSA) if kind == "llama" else {"attention_backend": "NSA"}))
     if mode == "EAGER":
         kwargs["enforce_eager"] = True
     else:
         kwargs["compilation_config"] = {"cudagraph_mode": mode,
                                         "cudagraph_capture_sizes": CAPTURE_SIZES}
-    llm = LLM(**kwargs)
+    llm = start_engine(**kwargs)
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 256) for _ in range(n)]}
                for n in PROMPT_LENGTHS]
@@ -122,7 +123,7 @@ def main() -> int:
     if args.worker:
         model_dir, kind, mode, path = args.worker
         with open(path, "w") as f:
-            json.dump(run_engine(model_dir, kind, mode), f)
+            json.dump(engine_job(model_dir, kind, mode), f)
         return 0
 
     os.makedirs(args.out, exist_ok=True)

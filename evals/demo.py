@@ -12,7 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from evals.run_grid import SLOW_STEP_ENV, STATS_FILE_ENV, read_stats
+from vllm_nsa import read_stats
+from vllm_nsa.engine_runner import SLOW_STEP_ENV, engine_kwargs, nsa_args, start_engine
 
 
 def main() -> None:
@@ -22,21 +23,20 @@ def main() -> None:
     args = parser.parse_args()
 
     stats_path = Path(tempfile.mkdtemp(prefix="nsa-demo-")) / "decode_stats.jsonl"
-    os.environ[STATS_FILE_ENV] = str(stats_path)  # before the engine process starts
+    os.environ[read_stats.STATS_FILE_ENV] = str(stats_path)  # before the engine starts
     for name, value in SLOW_STEP_ENV.items():
         os.environ.setdefault(name, value)
 
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+
+    from vllm import SamplingParams
 
     from evals.tasks.nsa_longctx import generate_docs
 
     passkey = generate_docs(AutoTokenizer.from_pretrained(args.model), "passkey", 4096,
                             depths=(0.5,), samples_per_depth=1)[0]
-    llm = LLM(model=args.model, attention_backend="NSA", max_model_len=4096,
-              gpu_memory_utilization=0.3,  # vLLM-CPU reserves this share of the node
-              enforce_eager=True,  # skips minutes of torch.compile warm-up on CPU
-              additional_config={"nsa": json.loads(args.nsa_config)})
+    llm = start_engine(**engine_kwargs(args.model, max_model_len=4096,
+                                       **nsa_args(json.loads(args.nsa_config))))
     greedy = SamplingParams(temperature=0.0, max_tokens=32)
     prompts = [
         ("chat", "What is the capital of France?", "", None),
@@ -56,7 +56,7 @@ def main() -> None:
         if expected is not None:
             print(f"expected passkey {expected}: "
                   f"{'retrieved' if expected in answer else 'MISSED'}")
-        stats = read_stats(stats_path)
+        stats = read_stats.read_summary(stats_path)
         if stats is None:
             print("NSA read counters: none written (is the NSA backend active?)")
         else:

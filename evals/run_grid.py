@@ -4,8 +4,8 @@ vLLM model: writes results.json, results.md and results.png to --out.
     python -m evals.run_grid --model models/SmolLM2-135M-Instruct --out evals/results/smollm2
 
 Each backend runs in its own process (one vLLM engine at a time, memory freed in between).
-NSA's decode read fraction comes from the backend's counters ($VLLM_NSA_STATS_FILE, one
-JSON line per decode step), reset before each context length.
+NSA's decode read fraction comes from the backend's counters ($VLLM_NSA_STATS_FILE, read
+with vllm_nsa.read_stats), reset before each context length.
 """
 from __future__ import annotations
 
@@ -18,16 +18,14 @@ import time
 from pathlib import Path
 
 from evals.tasks.nsa_longctx import CONTEXT_LENGTHS, DEPTHS, SAMPLES_PER_DEPTH
+from vllm_nsa import read_stats
+from vllm_nsa.engine_runner import SLOW_STEP_ENV, engine_kwargs, nsa_args
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASKS = ("passkey", "niah")
 BACKENDS = ("dense", "nsa")
 LABELS = {"dense": "dense", "nsa": "NSA"}
 METRIC = "exact_match,first_number"
-STATS_FILE_ENV = "VLLM_NSA_STATS_FILE"  # the backend's counters hook (vllm_nsa.backend)
-# NSA's CPU prefill of a multi-thousand-token chunk can outlast vLLM's default 300 s limit
-# on one model step (2 shared cores); the engine then dies with "RPC call timed out".
-SLOW_STEP_ENV = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "7200"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,27 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_args(args: argparse.Namespace, backend: str) -> dict:
+    """lm-eval's VLLM arguments: vllm.LLM's (vllm_nsa.engine_runner), `pretrained` for
+    `model`."""
     max_len = args.max_model_len or max(CONTEXT_LENGTHS[n] for n in args.lengths)
-    # 0.3: vLLM-CPU reserves this fraction of the NUMA node for the KV cache.
-    engine = {"pretrained": args.model, "max_model_len": max_len,
-              "gpu_memory_utilization": 0.3, "seed": 0,
-              "enforce_eager": True}  # skips minutes of torch.compile warm-up on CPU
-    if backend == "nsa":
-        engine |= {"attention_backend": "NSA",
-                   "additional_config": {"nsa": json.loads(args.nsa_config)}}
-    return engine
-
-
-def read_stats(path: Path) -> dict | None:
-    """Sum of the backend's per-step counters, or None when it wrote none."""
-    if not path.is_file():
-        return None
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
-        return None
-    keys = ("compressed", "selected", "window", "total", "dense", "decode_requests")
-    return {key: sum(line.get(key, 0) for line in lines) for key in keys} | {
-        "steps": len(lines)}
+    nsa = nsa_args(json.loads(args.nsa_config)) if backend == "nsa" else {}
+    engine = engine_kwargs(args.model, max_model_len=max_len, seed=0, **nsa)
+    return {"pretrained": engine.pop("model")} | engine
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -87,7 +70,7 @@ def run_worker(args: argparse.Namespace) -> None:
     use_vllm_cpu_version()
     out = Path(args.out)
     stats_path = (out / f"stats_{args.worker}.jsonl").resolve()
-    os.environ[STATS_FILE_ENV] = str(stats_path)  # before the engine process starts
+    os.environ[read_stats.STATS_FILE_ENV] = str(stats_path)  # before the engine starts
     for name, value in SLOW_STEP_ENV.items():
         os.environ.setdefault(name, value)
 
@@ -110,7 +93,7 @@ def run_worker(args: argparse.Namespace) -> None:
                                  apply_chat_template=not args.no_chat_template,
                                  log_samples=True, task_manager=task_manager)
         seconds = time.time() - start
-        stats = read_stats(stats_path)
+        stats = read_stats.read_summary(stats_path)
         for task, name in zip(args.tasks, names):
             samples = [{"depth": s["doc"]["depth"], "num_tokens": s["doc"]["num_tokens"],
                         "answer": s["target"], "response": s["filtered_resps"][0],
@@ -224,7 +207,6 @@ def plot(path: Path, args: argparse.Namespace, accuracy: dict, reads: list[dict]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullLocator
 
     xs = [CONTEXT_LENGTHS[n] for n in args.lengths]

@@ -36,8 +36,6 @@ import hashlib
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +45,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Appended, not prepended: the repo's top-level kernels/ must not shadow the PyPI package.
 sys.path.append(str(REPO_ROOT))
 
-from evals.run_grid import SLOW_STEP_ENV, STATS_FILE_ENV, read_stats  # noqa: E402
+from vllm_nsa import read_stats  # noqa: E402
+from vllm_nsa.engine_runner import (  # noqa: E402
+    SLOW_STEP_ENV,
+    engine_kwargs,
+    nsa_args,
+    run_isolated,
+    start_engine,
+)
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
 DEFAULT_REFERENCE = REPO_ROOT / "evals" / "results" / "smollm2" / "gpu_check_cpu_reference.json"
@@ -78,34 +83,32 @@ def engine_list() -> list[dict]:
     return nsa + [{"name": "dense", "backend": "dense", "nsa_config": None}]
 
 
-def run_engine(job: dict) -> dict:
+def engine_job(job: dict) -> dict:
     """One engine, every prompt of the job: the worker process's whole job."""
     import torch
+
     import vllm
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.platforms import current_platform
 
     on_cuda = current_platform.is_cuda()
     engine = job["engine"]
-    backend = engine["backend"]
-    if backend == "dense":
-        backend = job["dense_backend"] or ("FLASH_ATTN" if on_cuda else "CPU_ATTN")
-    kwargs = dict(model=job["model"], dtype="bfloat16", attention_backend=backend,
-                  max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS, seed=0)
+    if engine["backend"] == "NSA":
+        backend_args = nsa_args(engine["nsa_config"])
+    else:
+        backend_args = {"attention_backend": job["dense_backend"] or (
+            "FLASH_ATTN" if on_cuda else "CPU_ATTN")}
+    backend = backend_args["attention_backend"]
+    kwargs = engine_kwargs(job["model"], dtype="bfloat16", max_model_len=MAX_MODEL_LEN,
+                           max_num_seqs=MAX_NUM_SEQS, seed=0, **backend_args)
     if on_cuda:
         kwargs["gpu_memory_utilization"] = 0.5
-    else:
-        # vLLM-CPU reserves this share of RAM for the KV cache; eager skips minutes of
-        # torch.compile warm-up on CPU.
-        kwargs |= {"gpu_memory_utilization": 0.3, "enforce_eager": True}
-    if engine["backend"] == "NSA":
-        kwargs["additional_config"] = {"nsa": engine["nsa_config"]}
     start = time.time()
-    llm = LLM(**kwargs)
+    llm = start_engine(**kwargs)
     engine_start_s = time.time() - start
 
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=TOP_LOGPROBS)
-    stats_path = Path(os.environ[STATS_FILE_ENV])
+    stats_path = Path(os.environ[read_stats.STATS_FILE_ENV])
     short = [p for p in job["prompts"] if "expected" not in p]
     batches = [short] + [[p] for p in job["prompts"] if "expected" in p]
     results = {}
@@ -127,9 +130,9 @@ def run_engine(job: dict) -> dict:
                       "logprobs": logprobs, "batch_seconds": round(seconds, 2)}
             if "expected" in prompt:
                 result["retrieved"] = prompt["expected"] in completion.text
-                stats = read_stats(stats_path)
-                if stats and stats["dense"]:
-                    result["read_fraction"] = round(stats["total"] / stats["dense"], 3)
+                fraction = read_stats.read_fraction(read_stats.read_summary(stats_path))
+                if fraction is not None:
+                    result["read_fraction"] = round(fraction, 3)
             results[prompt["name"]] = result
     device = torch.cuda.get_device_name() if on_cuda else "cpu"
     return {"device": device, "attention_backend": backend, "vllm": vllm.__version__,
@@ -147,21 +150,12 @@ def run_engines(engines: list[dict], model: str, prompts: list[dict],
         job_path, result_path = work / "job.json", work / "result.json"
         job_path.write_text(json.dumps({"engine": engine, "model": model, "prompts": prompts,
                                         "dense_backend": dense_backend}))
-        env = SLOW_STEP_ENV | dict(os.environ) | {STATS_FILE_ENV: str(work / "stats.jsonl")}
+        env = SLOW_STEP_ENV | dict(os.environ) | {
+            read_stats.STATS_FILE_ENV: str(work / "stats.jsonl")}
         log_path = log_dir / f"gpu_check_{slug(engine['name'])}.log"
         print(f"=== {engine['name']} (log: {log_path})", flush=True)
-        with open(log_path, "w") as log:
-            # Own process group: on a timeout the engine-core child dies too.
-            proc = subprocess.Popen([sys.executable, __file__, "--worker", str(job_path),
-                                     str(result_path)], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                rc = proc.wait(timeout=timeout)
-                error = f"exited with status {rc}" if rc else None
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                error = f"timed out after {timeout} s"
+        error = run_isolated([sys.executable, __file__, "--worker", str(job_path),
+                              str(result_path)], env=env, log_path=log_path, timeout=timeout)
         if error:
             print("".join(log_path.read_text().splitlines(keepends=True)[-25:]), flush=True)
             runs[engine["name"]] = {"error": f"{error} (see {log_path.name})"}
@@ -368,7 +362,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.worker:
         job_path, result_path = args.worker
-        result = run_engine(json.loads(Path(job_path).read_text()))
+        result = engine_job(json.loads(Path(job_path).read_text()))
         Path(result_path).write_text(json.dumps(result))
         return 0
     args.model = str(Path(args.model).resolve())

@@ -13,7 +13,8 @@ import torch
 def _softmax_attend(qv, keys, values, scale):
     """qv [D], keys [N, D], values [N, Dv] -> (output [Dv], probabilities [N]); N may be 0."""
     if keys.shape[0] == 0:
-        return torch.zeros(values.shape[-1], dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        return (torch.zeros(values.shape[-1], dtype=torch.float64),
+                torch.zeros(0, dtype=torch.float64))
     logits = (keys @ qv) * scale
     probs = torch.softmax(logits, dim=0)
     return probs @ values, probs
@@ -70,8 +71,10 @@ def _brute_force(q, k, v, cfg, gates, scale, forced_indices):
         p_slc = torch.zeros(HQ, NB, dtype=torch.float64)
         for h in range(HQ):
             kv = h // G
-            keys = torch.stack([k_cmp[i][kv] for i in visible]) if visible else torch.zeros(0, D, dtype=torch.float64)
-            vals = torch.stack([v_cmp[i][kv] for i in visible]) if visible else torch.zeros(0, Dv, dtype=torch.float64)
+            keys = (torch.stack([k_cmp[i][kv] for i in visible]) if visible
+                    else torch.zeros(0, D, dtype=torch.float64))
+            vals = (torch.stack([v_cmp[i][kv] for i in visible]) if visible
+                    else torch.zeros(0, Dv, dtype=torch.float64))
             o_cmp[h], probs = _softmax_attend(q[row, h], keys, vals, s)
             importance = [0.0] * NB
             for prob, weights in zip(probs.tolist(), omega):

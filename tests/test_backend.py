@@ -21,12 +21,6 @@ from vllm_nsa.kernels.reference import nsa_attention  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_SIZE = 6, 2, 32
 
-
-@pytest.fixture(autouse=True)
-def fresh_process_config(monkeypatch):
-    """Each test plays one engine process, whose layers share one NSA config."""
-    import vllm_nsa.backend
-    monkeypatch.setattr(vllm_nsa.backend, "_active_config", None)
 NUM_PAGES = 160
 
 
@@ -50,7 +44,7 @@ class Simulator:
         self.free_pages = list(range(NUM_PAGES))
         self.rng.shuffle(self.free_pages)
         self.impl = NSAAttentionImpl(HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, KV_HEADS, None, None,
-                                     "auto", nsa_config=config, nsa_gated=gated)
+                                     "auto", nsa_config=config, gated=gated)
 
     def new_request(self, length, prefix_of=None):
         k = torch.randn(length, KV_HEADS, HEAD_SIZE, generator=self.gen)

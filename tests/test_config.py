@@ -11,9 +11,11 @@ def test_paper_defaults():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(compress_block=24, compress_stride=16), "compress_stride=16 must divide compress_block=24"),
+    (dict(compress_block=24, compress_stride=16),
+     "compress_stride=16 must divide compress_block=24"),
     (dict(compress_block=32, compress_stride=16, select_block=40), "must divide select_block=40"),
-    (dict(compress_block=128, compress_stride=16, select_block=64), "compress_block=128 must be <= select_block=64"),
+    (dict(compress_block=128, compress_stride=16, select_block=64),
+     "compress_block=128 must be <= select_block=64"),
     (dict(select_topk=2), "select_topk=2 must be >= init_blocks \\+ local_blocks = 3"),
     (dict(window=-1), "window=-1 must be >= 0"),
     (dict(local_blocks=0), "local_blocks=0 must be >= 1"),

@@ -22,6 +22,7 @@ from vllm_nsa.backend import (  # noqa: E402
     decode_emission,
 )
 from vllm_nsa.config import NSAConfig  # noqa: E402
+from vllm_nsa.read_stats import STATS_FILE_ENV  # noqa: E402
 
 CONFIGS = [NSAConfig(), NSAConfig(compress_block=16, compress_stride=16, select_block=32),
            NSAConfig(compress_block=64, compress_stride=16, select_block=64)]
@@ -47,7 +48,8 @@ def decode_batch(rng, num_real, num_padded, config):
                                                                            dtype=torch.int32)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"l{c.compress_block}d{c.compress_stride}")
+@pytest.mark.parametrize("config", CONFIGS,
+                         ids=lambda c: f"l{c.compress_block}d{c.compress_stride}")
 def test_decode_emission_matches_host_emission(config):
     rng = random.Random(config.compress_block)
     for _ in range(50):
@@ -66,14 +68,15 @@ def test_decode_emission_matches_host_emission(config):
 
 @pytest.fixture
 def builder(monkeypatch):
-    monkeypatch.setattr(backend, "_active_config", NSAConfig())
     monkeypatch.setattr(backend, "get_tensor_model_parallel_rank", lambda: 0)
-    monkeypatch.delenv(backend.STATS_FILE_ENV, raising=False)
-    vllm_config = types.SimpleNamespace(
+    monkeypatch.delenv(STATS_FILE_ENV, raising=False)
+    vllm_config = types.SimpleNamespace(     # a dense model, no additional_config: defaults
         scheduler_config=types.SimpleNamespace(max_num_seqs=MAX_SEQS),
-        model_config=types.SimpleNamespace(max_model_len=MAX_MODEL_LEN),
+        model_config=types.SimpleNamespace(
+            max_model_len=MAX_MODEL_LEN,
+            hf_text_config=types.SimpleNamespace(model_type="llama")),
         parallel_config=types.SimpleNamespace(decode_context_parallel_size=1),
-        speculative_config=None)
+        speculative_config=None, additional_config={})
     spec = types.SimpleNamespace(num_kv_heads=2)
     return NSAMetadataBuilder(spec, ["layer.0"], vllm_config, torch.device("cpu"))
 

@@ -4,11 +4,12 @@ One engine per G (num_heads / num_kv_heads); prompts are longer than
 window + block_counts * block_size so the compressed, selected and window branches all
 decide the output, and of different lengths so prefill and decode share batches.
 """
-import gc
 import json
 import os
 
 import pytest
+
+from vllm_nsa.engine_runner import start_engine, stop_engine
 
 pytestmark = pytest.mark.engine
 
@@ -18,7 +19,7 @@ NEW_TOKENS = 12
 LOGPROB_TOLERANCE = 1e-3  # float32 everywhere; the paths differ only in summation order
 
 
-def engine_kwargs(model_dir):
+def tiny_nsa_engine(model_dir):
     return dict(model=str(model_dir), dtype="float32", max_model_len=512, max_num_seqs=4,
                 seed=0, enforce_eager=True)
 
@@ -27,18 +28,14 @@ def engine_kwargs(model_dir):
 def case(request, tmp_path_factory):
     """(oracle, llm) for a tiny NSA checkpoint with G = 4 query heads per KV head, or G = 1."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
     from vllm_nsa.tiny import build_tiny_nsa
 
     group = request.param
     path = tmp_path_factory.mktemp(f"nsa_g{group}")
     oracle = build_tiny_nsa(str(path), num_heads=4, num_kv_heads=4 // group, seed=group)
-    llm = LLM(**engine_kwargs(path))
+    llm = start_engine(**tiny_nsa_engine(path))
     yield oracle, llm
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    stop_engine(llm)
 
 
 def prompts():
@@ -98,8 +95,6 @@ def write_config(directory, **overrides):
 ])
 def test_bad_nsa_config_fails_at_startup_with_its_values(tmp_path, overrides, message):
     """Rejected while vLLM parses the model config, before any engine process starts."""
-    from vllm import LLM
-
     write_config(tmp_path, **overrides)
     with pytest.raises(Exception, match=message):
-        LLM(**engine_kwargs(tmp_path))
+        start_engine(**tiny_nsa_engine(tmp_path))

@@ -53,7 +53,8 @@ def server(tmp_path_factory):
     deadline = time.time() + STARTUP_SECONDS
     while True:
         if process.poll() is not None:
-            pytest.fail(f"vllm serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+            pytest.fail(f"vllm serve exited with {process.returncode}:\n"
+                        f"{log_path.read_text()[-4000:]}")
         try:
             if requests.get(f"{base_url}/health", timeout=2).status_code == 200:
                 break

@@ -2,13 +2,19 @@
 parameters -> cache layout -> metadata dataclass -> builder -> backend class -> impl.
 
 The math lives in `vllm_nsa.kernels` (torch path `paged`, Triton path `triton`, the same
-stage functions and signatures); this module only adapts vLLM's interfaces to it. All vLLM-version-specific
-calls of the backend are in this file.
+stage functions and signatures); this module only adapts vLLM's interfaces to it. All
+vLLM-version-specific calls of the backend are in this file. What NSA supports is `vllm_nsa.support`'s.
+
+NSA parameters travel with the engine, never through process state: the metadata builder
+resolves them from its vllm_config, each impl from its `nsa_config` argument (the NSA
+model) or the vLLM config current at its construction, and the backend classmethods vLLM
+calls without a current config (`customize_spec`, `get_supported_kernel_block_sizes`) from
+the layer's backend class, `NSAAttentionBackend.for_config(config)`.
 
 Two modes share every branch:
 - merged (training-free, a dense model served with `--attention-backend NSA`): one output
   per head, exact attention over selected blocks ∪ window;
-- gated (NSA models, `nsa_gated=True`): the output buffer holds the three branch outputs per
+- gated (NSA models, `gated=True`): the output buffer holds the three branch outputs per
   head, [T, HQ, 3, Dv] in (cmp, slc, win) order, and the model applies its gates. Gates
   never enter the attention op, so torch.compile's graph split at attention and CUDA
   graphs' static buffers stay exactly as for any backend.
@@ -16,15 +22,14 @@ Two modes share every branch:
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import logging
-import os
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.config import VllmConfig, get_current_vllm_config_or_none
 from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
@@ -39,17 +44,21 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
+from vllm_nsa import read_stats, support
 from vllm_nsa.config import NSAConfig
 from vllm_nsa.kernels.reference import decode_read_counts_batch
+from vllm_nsa.support import (
+    SUPPORTED_HEAD_SIZES,
+    SUPPORTED_KV_CACHE_DTYPES,
+    check_supported,
+    unsupported_reasons,
+)
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logging config
 
-SUPPORTED_HEAD_SIZES = (32, 64, 128, 256)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = tuple(getattr(torch, name) for name in support.SUPPORTED_DTYPES)
 # Where a user puts NSA parameters for a dense model: --additional-config '{"nsa": {...}}'.
 ADDITIONAL_CONFIG_KEY = "nsa"
-# Per-step decode read counters are appended here as JSON lines when set (the stats hook).
-STATS_FILE_ENV = "VLLM_NSA_STATS_FILE"
 
 
 # ------------------------------------------------------------------ parameters
@@ -63,47 +72,41 @@ def resolve_nsa_config(vllm_config: VllmConfig) -> NSAConfig:
     return NSAConfig.from_dict(additional.get(ADDITIONAL_CONFIG_KEY))
 
 
-_active_config: NSAConfig | None = None
+def engine_facts(vllm_config: VllmConfig | None) -> dict[str, Any]:
+    """The engine-wide facts `unsupported_reasons` checks (model dtype, KV-cache dtype and
+    page size, speculative decoding, encoder-decoder), from a vLLM config."""
+    if vllm_config is None:
+        return {}
+    model_config, cache_config = vllm_config.model_config, vllm_config.cache_config
+    speculative = vllm_config.speculative_config
+    return dict(
+        dtype=getattr(model_config, "dtype", None),
+        kv_cache_dtype=getattr(cache_config, "cache_dtype", None),
+        block_size=getattr(cache_config, "block_size", None),
+        speculative=(None if speculative is None
+                     else str(getattr(speculative, "method", None) or "enabled")),
+        encoder_decoder=bool(getattr(model_config, "is_encoder_decoder", False)),
+    )
 
 
-def _config_for_process() -> NSAConfig:
-    """The one NSA config of this process (every NSA layer of a model shares it)."""
-    global _active_config
-    if _active_config is None:
-        _active_config = resolve_nsa_config(get_current_vllm_config())
-        logger.info("NSA parameters: %s", _active_config.describe())
-    return _active_config
-
-
-def validate_layer(config: NSAConfig, head_size: int, dtype: torch.dtype | None,
-                   kv_cache_dtype: str | None, block_size: int | None,
-                   attn_type: str = AttentionType.DECODER, sliding_window=None,
-                   has_sink: bool = False, use_mla: bool = False) -> list[str]:
-    """Reasons this layer cannot run NSA, each naming the value and what is supported."""
-    reasons = []
-    if head_size not in SUPPORTED_HEAD_SIZES:
-        reasons.append(f"head_size={head_size} is not supported by NSA "
-                       f"(supported: {list(SUPPORTED_HEAD_SIZES)})")
-    if dtype is not None and dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"dtype={dtype} is not supported by NSA "
-                       f"(supported: {[str(t) for t in SUPPORTED_DTYPES]})")
-    if kv_cache_dtype not in (None, "auto", "float16", "bfloat16", "float32"):
-        reasons.append(f"kv_cache_dtype={kv_cache_dtype!r} is not supported by NSA "
-                       f"(supported: 'auto' = the model dtype)")
-    if block_size is not None and block_size % config.compress_stride:
-        reasons.append(f"block_size={block_size} must be a multiple of NSA compress_stride="
-                       f"{config.compress_stride} (a page holds whole compressed entries)")
-    if attn_type != AttentionType.DECODER:
-        reasons.append(f"attention type {attn_type!r} is not supported by NSA "
-                       f"(supported: decoder self-attention)")
-    if sliding_window is not None:
-        reasons.append(f"sliding_window={sliding_window}: models with their own sliding "
-                       f"window are not supported by NSA (it brings its own window branch)")
-    if has_sink:
-        reasons.append("attention sinks are not supported by NSA")
-    if use_mla:
-        reasons.append("MLA is not supported by NSA (it needs separate K and V heads)")
-    return reasons
+def check_engine(vllm_config: VllmConfig) -> None:
+    """Engine-start check of a model served with `attention_backend="NSA"`, run while vLLM
+    builds the engine config (before any engine process starts; see
+    `vllm_nsa.plugin.check_engines_at_start`): what the model config and the engine
+    settings tell about every layer. What only the model code knows per layer (its own
+    sliding window: a config's `sliding_window` may be unused, e.g. with all layers full
+    attention; sinks; cross-layer KV sharing) is checked when vLLM selects the layer's
+    backend (`validate_configuration`) and builds its impl. NSA models: see
+    `vllm_nsa.model_registry.check_nsa_model`."""
+    model_config = vllm_config.model_config
+    if getattr(model_config.hf_text_config, "model_type", None) == "nsa":
+        return
+    arch = model_config.model_arch_config
+    check_supported(resolve_nsa_config(vllm_config), "NSA attention backend",
+                    head_size=model_config.get_head_size(),
+                    num_heads=arch.total_num_attention_heads,
+                    num_kv_heads=model_config.get_total_num_kv_heads(),
+                    use_mla=bool(model_config.use_mla), **engine_facts(vllm_config))
 
 
 # ------------------------------------------------------------------ cache layout
@@ -221,14 +224,14 @@ def decode_emission(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, confi
 
 class DecodeReadStats:
     """The spec's decode read counters (raw-token equivalents per KV head per layer),
-    summed over the decode requests of each step: logged at debug level, and appended as
-    JSON lines to $VLLM_NSA_STATS_FILE when set (the hook tests and evals read). Under
-    tensor parallelism each rank reads for its own KV heads; the line names the rank and
-    how many KV heads it holds."""
+    summed over the decode requests of each step: logged at debug level, and appended to
+    $VLLM_NSA_STATS_FILE when set, in `vllm_nsa.read_stats`' format (the hook tests, evals
+    and benchmarks read). Under tensor parallelism each rank reads for its own KV heads;
+    the line names the rank and how many KV heads it holds."""
 
     def __init__(self, config: NSAConfig, tp_rank: int, num_kv_heads: int) -> None:
         self.config = config
-        self.path = os.environ.get(STATS_FILE_ENV)
+        self.path = read_stats.stats_path()
         self.tp_rank = tp_rank
         self.num_kv_heads = num_kv_heads
         self.steps = 0
@@ -250,8 +253,7 @@ class DecodeReadStats:
         self.steps += 1
         logger.debug("NSA decode step %d reads per KV head: %s", self.steps, counts)
         if self.path:
-            with open(self.path, "a") as stats_file:
-                stats_file.write(json.dumps(counts) + "\n")
+            read_stats.append(self.path, counts | {"config": dataclasses.asdict(self.config)})
 
 
 class NSAMetadataBuilder(AttentionMetadataBuilder[NSAAttentionMetadata]):
@@ -266,7 +268,15 @@ class NSAMetadataBuilder(AttentionMetadataBuilder[NSAAttentionMetadata]):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.config = _config_for_process()
+        self.config = resolve_nsa_config(vllm_config)
+        layers = getattr(vllm_config, "compilation_config", None)
+        layers = getattr(layers, "static_forward_context", {})
+        for name in layer_names:
+            impl = getattr(layers.get(name), "impl", None)
+            if isinstance(impl, NSAAttentionImpl) and impl.config != self.config:
+                raise ValueError(f"NSA layer {name} has parameters {impl.config.describe()} "
+                                 f"but its engine {self.config.describe()}")
+        logger.info("NSA parameters: %s", self.config.describe())
         self.max_model_len = vllm_config.model_config.max_model_len
         self._init_reorder_batch_threshold(1)
         self.stats = DecodeReadStats(self.config, get_tensor_model_parallel_rank(),
@@ -327,7 +337,11 @@ class NSAMetadataBuilder(AttentionMetadataBuilder[NSAAttentionMetadata]):
 class NSAAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = list(SUPPORTED_DTYPES)
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16", "float32"]
+    supported_kv_cache_dtypes: ClassVar[list] = list(SUPPORTED_KV_CACHE_DTYPES)
+    # The NSA parameters of the layers that hold this class: set on the per-config classes
+    # (`for_config`); None on the class vLLM's selector hands out by name, whose
+    # classmethods resolve the parameters from the vLLM config current when they run.
+    nsa_config: ClassVar[NSAConfig | None] = None
 
     @staticmethod
     def get_name() -> str:
@@ -342,13 +356,31 @@ class NSAAttentionBackend(AttentionBackend):
         return NSAMetadataBuilder
 
     @classmethod
+    def for_config(cls, config: NSAConfig) -> type["NSAAttentionBackend"]:
+        """The NSA backend of layers with parameters `config` (one class per config)."""
+        return _backend_for_config(config)
+
+    @classmethod
+    def resolve_config(cls) -> NSAConfig:
+        """This class's NSA parameters, else those of the vLLM config current now."""
+        if cls.nsa_config is not None:
+            return cls.nsa_config
+        vllm_config = get_current_vllm_config_or_none()
+        if vllm_config is None:
+            raise RuntimeError(
+                "NSA: no NSA parameters here (no vLLM config is current and the layer's "
+                "backend is not NSAAttentionBackend.for_config(...)); the NSA impl sets "
+                "its layer's backend when the weights are processed")
+        return resolve_nsa_config(vllm_config)
+
+    @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
         return list(SUPPORTED_HEAD_SIZES)
 
-    @staticmethod
-    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+    @classmethod
+    def get_supported_kernel_block_sizes(cls, kv_cache_spec=None) -> list[int | MultipleOf]:
         # Pages are never split into kernel blocks (padded pages cannot be).
-        return [MultipleOf(_config_for_process().compress_stride)]
+        return [MultipleOf(cls.resolve_config().compress_stride)]
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
@@ -360,28 +392,43 @@ class NSAAttentionBackend(AttentionBackend):
         caches and frees both caches together, under one block table."""
         if spec.page_size_padded is not None:
             return spec
-        extra = compressed_page_bytes(spec, _config_for_process())
+        extra = compressed_page_bytes(spec, cls.resolve_config())
         return dataclasses.replace(spec, page_size_padded=spec.page_size_bytes + extra)
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == AttentionType.DECODER
+        return attn_type == support.DECODER
 
     @classmethod
     def validate_configuration(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla,
                                has_sink, use_sparse, use_mm_prefix, use_per_head_quant_scales,
                                device_capability, attn_type, has_sliding_window=False,
-                               **unsupported_features) -> list[str]:
-        reasons = validate_layer(_config_for_process(), head_size, dtype, kv_cache_dtype,
-                                 block_size, attn_type,
-                                 "model-defined" if has_sliding_window else None,
-                                 has_sink, use_mla)
-        if use_sparse or use_mm_prefix or use_per_head_quant_scales:
-            reasons.append("sparse-indexer, multimodal-prefix and per-head-quantised "
-                           "models are not supported by NSA")
-        reasons += [f"{name.removeprefix('use_')} is not supported by NSA"
-                    for name, wanted in unsupported_features.items() if wanted]
-        return reasons
+                               **features) -> list[str]:
+        """vLLM's selector asks this (CUDA, and CPU through the plugin) with the vLLM
+        config of the engine being built current."""
+        vllm_config = get_current_vllm_config_or_none()
+        window = None
+        if has_sliding_window:  # its value, where the model config names one
+            hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_text_config",
+                                None)
+            window = getattr(hf_config, "sliding_window", None) or True
+        facts = engine_facts(vllm_config) | dict(
+            head_size=head_size, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+            attn_type=attn_type, has_sink=has_sink, use_mla=use_mla, sliding_window=window)
+        if block_size is not None:
+            facts["block_size"] = block_size
+        features = dict(features, use_sparse=use_sparse, use_mm_prefix=use_mm_prefix,
+                        use_per_head_quant_scales=use_per_head_quant_scales)
+        facts["unsupported_features"] = [name.removeprefix("use_")
+                                         for name, wanted in features.items() if wanted]
+        return unsupported_reasons(cls.resolve_config(), **facts)
+
+
+@functools.cache
+def _backend_for_config(config: NSAConfig) -> type[NSAAttentionBackend]:
+    name = f"NSAAttentionBackend[{config.describe()}]"
+    return type(name, (NSAAttentionBackend,), {"nsa_config": config, "__qualname__": name,
+                                               "__module__": __name__})
 
 
 # ------------------------------------------------------------------ impl
@@ -397,27 +444,26 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
                  attn_type: str = AttentionType.DECODER,
                  kv_sharing_target_layer_name: str | None = None,
                  sinks: torch.Tensor | None = None, nsa_config: NSAConfig | None = None,
-                 nsa_gated: bool = False) -> None:
-        global _active_config
-        if nsa_config is not None:
-            if _active_config not in (None, nsa_config):
-                raise ValueError(f"NSA layers of one model must share parameters: "
-                                 f"{nsa_config.describe()} vs {_active_config.describe()}")
-            _active_config = nsa_config
-        self.config = _config_for_process()
-        reasons = validate_layer(self.config, head_size, None, kv_cache_dtype, None,
-                                 attn_type, sliding_window, sinks is not None)
-        if alibi_slopes is not None:
-            reasons.append("ALiBi slopes are not supported by NSA")
-        if logits_soft_cap:
-            reasons.append(f"logits_soft_cap={logits_soft_cap} is not supported by NSA")
-        if kv_sharing_target_layer_name is not None:
-            reasons.append("cross-layer KV sharing is not supported by NSA")
-        if num_heads % num_kv_heads:
-            reasons.append(f"num_heads={num_heads} is not a multiple of "
-                           f"num_kv_heads={num_kv_heads}")
+                 gated: bool = False) -> None:
+        """nsa_config: the NSA model passes its checkpoint's parameters; otherwise they
+        come from the vLLM config current at construction (vLLM builds models with it
+        set). gated: write the three branch outputs per head (NSA models) instead of the
+        merged output."""
+        vllm_config = get_current_vllm_config_or_none()
+        if nsa_config is None:
+            if vllm_config is None:
+                raise ValueError("NSAAttentionImpl outside a vLLM engine needs nsa_config")
+            nsa_config = resolve_nsa_config(vllm_config)
+        facts = engine_facts(vllm_config) | dict(
+            head_size=head_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            kv_cache_dtype=kv_cache_dtype, attn_type=attn_type,
+            sliding_window=sliding_window, has_sink=sinks is not None,
+            alibi=alibi_slopes is not None, logits_soft_cap=logits_soft_cap,
+            kv_sharing_target=kv_sharing_target_layer_name)
+        reasons = unsupported_reasons(nsa_config, **facts)
         if reasons:
             raise ValueError("NSA attention cannot run this layer: " + "; ".join(reasons))
+        self.config = nsa_config
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -425,25 +471,40 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
-        self.gated = nsa_gated
+        self.gated = gated
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
-        """Engine start: compile every kernel variant a served step can launch, on a
-        dummy cache of the real page layout, so no request ever waits for a compile."""
+        """Engine start, after the model is built, with the vLLM config current and before
+        vLLM asks for the KV-cache page layout:
+        - give this impl's layer the backend class of its NSA parameters (a dense model's
+          layers get the generic `NSAAttentionBackend` from vLLM's selector, and vLLM asks
+          the layer's backend for the page layout (`customize_spec`) with no config current);
+        - compile every kernel variant a served step can launch, on a dummy cache of the
+          real page layout, so no request ever waits for a compile."""
+        vllm_config = get_current_vllm_config_or_none()
+        if vllm_config is None:
+            return
+        for layer in vllm_config.compilation_config.static_forward_context.values():
+            if getattr(layer, "impl", None) is self:
+                if getattr(layer.attn_backend, "nsa_config", None) is None:
+                    layer.attn_backend = NSAAttentionBackend.for_config(self.config)
+                break
+        self._warm_up(vllm_config, act_dtype)
+
+    def _warm_up(self, vllm_config: VllmConfig, act_dtype: torch.dtype) -> None:
         from vllm.platforms import current_platform
-        vllm_config = get_current_vllm_config()
         page_size = vllm_config.cache_config.block_size
+        max_model_len = vllm_config.model_config.max_model_len
         device = torch.device(current_platform.device_type)
         key = (self.config, self.gated, self.num_heads, self.num_kv_heads, self.head_size,
-               act_dtype, page_size, vllm_config.model_config.max_model_len, device)
+               act_dtype, page_size, max_model_len, device)
         if key in _WARMED_UP:
             return
         kv_cache = page_buffer(2, page_size, self.num_kv_heads, self.head_size, act_dtype,
                                self.config.compress_stride, device)
-        width = -(-vllm_config.model_config.max_model_len // page_size)
         batches = paged_ops(device).warm_up(
             *split_kv_cache(kv_cache, self.head_size, self.config.compress_stride),
-            self.num_heads, width, self.config, self.gated)
+            self.num_heads, -(-max_model_len // page_size), self.config, self.gated)
         _WARMED_UP.add(key)
         if batches:
             logger.info("NSA kernels compiled for %d warm-up batches", batches)

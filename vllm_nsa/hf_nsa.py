@@ -1,4 +1,5 @@
-"""FLA-format NSA models in plain transformers + torch: the config and the oracle model.
+"""The torch oracle model of an NSA checkpoint (FLA format), and its config, in plain
+transformers + torch.
 
 `NSAModelConfig` parses the `config.json` of checkpoints trained with FLA/flame
 (`model_type: "nsa"`, architecture `NSAForCausalLM`) with FLA's field names and defaults.
@@ -23,6 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vllm_nsa.config import NSAConfig, NSAConfigError
 from vllm_nsa.kernels.reference import nsa_attention
+from vllm_nsa.support import check_supported
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,8 @@ class NSAModelConfig(PreTrainedConfig):
 
     @property
     def mlp_intermediate_size(self) -> int:
-        """FLA's GatedMLP rule: explicit size, else 2/3 * hidden_ratio * hidden rounded up to 256."""
+        """FLA's GatedMLP rule: explicit size, else 2/3 * hidden_ratio * hidden, rounded up to
+        a multiple of 256."""
         if self.intermediate_size is not None:
             return self.intermediate_size
         ratio = 4 if self.hidden_ratio is None else self.hidden_ratio
@@ -104,11 +107,9 @@ def nsa_params(config: NSAModelConfig) -> NSAConfig:
 
 
 def validate_config(config: NSAModelConfig) -> NSAConfig:
-    """Reject configs the NSA model cannot run, naming the offending values; returns the NSA params."""
-    if config.num_heads % config.num_kv_heads:
-        raise NSAConfigError(
-            f"NSA model: num_heads={config.num_heads} is not a multiple of "
-            f"num_kv_heads={config.num_kv_heads} (G = num_heads / num_kv_heads must be an integer)")
+    """Reject checkpoint configs the NSA model cannot run, naming the offending values;
+    returns the NSA params. What NSA itself supports is `vllm_nsa.support`'s (the vLLM
+    model adds the engine's facts to it: `vllm_nsa.model_registry.check_nsa_model`)."""
     if config.hidden_act not in SUPPORTED_ACTIVATIONS:
         raise NSAConfigError(
             f"NSA model: hidden_act={config.hidden_act!r} is not supported; "
@@ -118,6 +119,8 @@ def validate_config(config: NSAModelConfig) -> NSAConfig:
             f"NSA model: block_size={config.block_size} and block_counts={config.block_counts} "
             f"must both be set")
     params = nsa_params(config)
+    check_supported(params, "NSA model", num_heads=config.num_heads,
+                    num_kv_heads=config.num_kv_heads)
     if params.window > config.max_position_embeddings:
         logger.info("NSA window=%d exceeds max_position_embeddings=%d: the window branch is dense",
                     params.window, config.max_position_embeddings)
@@ -170,7 +173,8 @@ def checkpoint_head_dim(model_dir: str | None, config: NSAModelConfig) -> int | 
 # ------------------------------------------------------------------ layers
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FLA's RotaryEmbedding (GPT-NeoX halves, whole head rotated, float32 tables): [T, D/2] each."""
+    """FLA's RotaryEmbedding (GPT-NeoX halves, whole head rotated, float32 tables):
+    [T, D/2] each."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = torch.outer(positions.to(torch.float32), inv_freq)
     return freqs.cos(), freqs.sin()

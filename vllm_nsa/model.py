@@ -50,23 +50,12 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_nsa.backend import NSAAttentionBackend
 from vllm_nsa.config import NSAConfig, NSAConfigError
-from vllm_nsa.hf_nsa import NSAModelConfig, validate_config
+from vllm_nsa.hf_nsa import NSAModelConfig
+from vllm_nsa.model_registry import check_nsa_model
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logging config
 
 NUM_BRANCHES = 3  # (cmp, slc, win), FLA's g_proj order
-
-
-def check_parallel_shapes(config: NSAModelConfig, tp_size: int) -> None:
-    if config.num_heads % tp_size:
-        raise NSAConfigError(
-            f"NSA model: num_heads={config.num_heads} is not divisible by "
-            f"tensor_parallel_size={tp_size}")
-    kv = config.num_kv_heads
-    if kv % tp_size and tp_size % kv:
-        raise NSAConfigError(
-            f"NSA model: num_kv_heads={kv} and tensor_parallel_size={tp_size}: one must "
-            f"divide the other")
 
 
 class NSAAttention(nn.Module):
@@ -103,7 +92,8 @@ class NSAAttention(nn.Module):
             self.num_heads, self.head_dim, self.head_dim ** -0.5,
             num_kv_heads=self.num_kv_heads, cache_config=cache_config,
             quant_config=quant_config, prefix=f"{prefix}.attn",
-            attn_backend=NSAAttentionBackend, nsa_config=params, nsa_gated=True)
+            attn_backend=NSAAttentionBackend.for_config(params), nsa_config=params,
+            gated=True)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
@@ -169,8 +159,7 @@ class NSAModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        params = validate_config(config)
-        check_parallel_shapes(config, get_tensor_model_parallel_world_size())
+        params = check_nsa_model(config, vllm_config)
         logger.info(
             "NSAForCausalLM: every attention layer uses the NSA backend (%s), whatever "
             "--attention-backend says; NSA parameters from the checkpoint config: %s",

@@ -14,21 +14,27 @@ class NSAModelConfigCheck:
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        return None
+        check_nsa_model(vllm_config.model_config.hf_config, vllm_config)
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
-        from vllm_nsa.backend import NSAAttentionBackend
-        from vllm_nsa.config import NSAConfigError
-        from vllm_nsa.hf_nsa import validate_config
+        check_nsa_model(model_config.hf_config)
 
-        config = model_config.hf_config
-        validate_config(config)
-        supported = NSAAttentionBackend.get_supported_head_sizes()
-        if config.head_dim not in supported:
-            raise NSAConfigError(
-                f"NSA model: head_dim={config.head_dim} is not supported by the NSA backend "
-                f"(supported: {supported})")
+
+def check_nsa_model(hf_config, vllm_config=None):
+    """The NSA model's check (config hooks above, and `vllm_nsa.model` itself): the
+    checkpoint config (`hf_nsa.validate_config`), then what NSA supports
+    (`vllm_nsa.support`) for its shapes and, given a vLLM config, the engine's settings.
+    Returns the NSA parameters; raises NSAConfigError naming every unsupported value."""
+    from vllm_nsa.backend import engine_facts
+    from vllm_nsa.hf_nsa import validate_config
+    from vllm_nsa.support import check_supported
+
+    params = validate_config(hf_config)
+    check_supported(params, "NSA model", head_size=hf_config.head_dim,
+                    head_size_label="head_dim", num_heads=hf_config.num_heads,
+                    num_kv_heads=hf_config.num_kv_heads, **engine_facts(vllm_config))
+    return params
 
 
 def register_model() -> None:

@@ -73,6 +73,36 @@ def honour_nsa_on_cpu() -> None:
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
 
 
+def uses_nsa_backend(vllm_config) -> bool:
+    backend = vllm_config.attention_config.backend
+    return backend is not None and backend.name == BACKEND_NAME
+
+
+def check_engines_at_start() -> None:
+    """Reject unsupported settings of an engine asked to serve a model with NSA while vLLM
+    builds its config (`VllmConfig.__post_init__` ends with the platform's
+    `check_and_update_config`, on CPU and CUDA alike): the caller of `LLM(...)` or
+    `vllm serve` gets the message, naming the value and what is supported, before any
+    engine process starts. NSA models are checked by their own config hook
+    (`vllm_nsa.model_registry`)."""
+    from vllm.platforms import current_platform
+
+    platform = type(current_platform)
+    original = platform.check_and_update_config
+    if getattr(original, "_nsa_wrapped", False):
+        return
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        if vllm_config.model_config is not None and uses_nsa_backend(vllm_config):
+            from vllm_nsa.backend import check_engine
+
+            check_engine(vllm_config)
+        original(vllm_config)
+
+    check_and_update_config._nsa_wrapped = True
+    platform.check_and_update_config = classmethod(check_and_update_config)
+
+
 _registered = False
 
 
@@ -85,5 +115,6 @@ def register() -> None:
     check_vllm_version(vllm.__version__)
     register_backend()
     honour_nsa_on_cpu()
+    check_engines_at_start()
     register_model()
     _registered = True

@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 from vllm_nsa.config import NSAConfig
+from vllm_nsa.support import check_supported
 
 # Rows of a query tile in the tensor-core dots (tl.dot needs >= 16).
 MIN_ROWS = 16
@@ -140,6 +141,9 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = key_cache.shape
     value_dim = value_cache.shape[3]
+    check_supported(config, "Triton NSA", head_size=head_dim, head_size_v=value_dim,
+                    num_heads=num_heads, num_kv_heads=num_kv_heads, block_size=page_size,
+                    dtype=q.dtype)
     device = q.device
     num_reqs = query_start_loc.shape[0] - 1
     group = num_heads // num_kv_heads
