@@ -3,7 +3,8 @@ parameters -> cache layout -> metadata dataclass -> builder -> backend class -> 
 
 The math lives in `vllm_nsa.kernels` (torch path `paged`, Triton path `triton`, the same
 stage functions and signatures); this module only adapts vLLM's interfaces to it. All
-vLLM-version-specific calls of the backend are in this file. What NSA supports is `vllm_nsa.support`'s.
+vLLM-version-specific calls of the backend are in this file. What NSA supports is
+`vllm_nsa.support`'s.
 
 NSA parameters travel with the engine, never through process state: the metadata builder
 resolves them from its vllm_config, each impl from its `nsa_config` argument (the NSA
