@@ -22,7 +22,10 @@ Each (shape, backend) is one engine in its own process, with every context run i
   most kernel variants before anything is timed);
 - decode: the same prompts again (prefix-cache hits) with max_tokens=1 and then with
   1 + decode_steps (ignore_eos); step time = difference / decode_steps, tok/s = B / step
-  (one warm-up pair compiles kernel variants, then the median of 3 timed pairs);
+  each round pairs a decode pass with its own cached pass (step = their difference /
+  decode_steps); one warm-up round, then DECODE_ROUNDS timed rounds: the median of the
+  rounds within 10% of the median, their spread, and every round (one more than 10% off is
+  reported as a stall, not averaged in);
 - NSA decode read fraction: raw-token equivalents NSA reads per decode step over the dense
   context, from the backend's stats hook (VLLM_NSA_STATS_FILE, JSON lines).
 --profile: the longest context's prompts once more (prefix-cache hits, then 16 decode steps)
@@ -59,7 +62,8 @@ SHAPES = {
                  rope_theta=10_000.0),
 }
 PROFILE_STEPS = 16
-DECODE_ROUNDS = 3   # timed (cached pass, decode) pairs per context, after one warm-up
+DECODE_ROUNDS = 5   # timed (cached pass, decode) pairs per context, after one warm-up
+STALL_TOLERANCE = 0.10   # a round this far from the median step is reported as a stall
 # Kernel-name fragments -> the group a profiled kernel's time is reported under.
 KERNEL_GROUPS = (
     ("NSA score", ("_score_kernel",)),
@@ -161,13 +165,20 @@ def bench_engine(args, shape_name: str, backend: str) -> dict:
                                                         **detok), use_tqdm=False)
             decode_times.append(time.perf_counter() - t)
         assert all(len(o.outputs[0].token_ids) == 1 + args.decode_steps for o in outs)
-        cached_s = statistics.median(cached_times[1:])
-        decode_total_s = statistics.median(decode_times[1:])
-        step_s = (decode_total_s - cached_s) / args.decode_steps
+        round_steps_ms = [(d - c) / args.decode_steps * 1e3
+                          for c, d in zip(cached_times[1:], decode_times[1:])]
+        middle = statistics.median(round_steps_ms)
+        steady = [x for x in round_steps_ms if abs(x - middle) <= STALL_TOLERANCE * middle]
+        step_ms = statistics.median(steady)
         entry = {"context": ctx, "batch": batch, "prefill_s": prefill_s,
-                 "prefill_tok_s": batch * ctx / prefill_s, "cached_pass_s": cached_s,
+                 "prefill_tok_s": batch * ctx / prefill_s,
+                 "cached_pass_s": statistics.median(cached_times[1:]),
                  "cached_pass_rounds_s": cached_times, "decode_rounds_s": decode_times,
-                 "decode_step_ms": step_s * 1e3, "decode_tok_s": batch / step_s}
+                 "decode_step_rounds_ms": round_steps_ms,
+                 "stalled_rounds": len(round_steps_ms) - len(steady),
+                 "decode_step_ms": step_ms,
+                 "decode_step_spread_ms": [min(steady), max(steady)],
+                 "decode_tok_s": batch / (step_ms * 1e-3)}
         steps, stats_line = read_lines(stats_path, stats_line)
         decode_steps = [s for s in steps if s["decode_requests"] == batch]
         if decode_steps:
@@ -251,7 +262,8 @@ def device_name() -> str:
 def print_table(results: list[dict]) -> None:
     by_key = {(r["shape"], r["backend"]): r for r in results}
     print(f"\n{'shape':<8} {'backend':<10} {'start s':>7} {'KV tokens':>10} {'ctx':>6} "
-          f"{'B':>4} {'prefill tok/s':>13} {'step ms':>8} {'decode tok/s':>12} "
+          f"{'B':>4} {'prefill tok/s':>13} {'step ms':>8} {'spread':>13} {'stalls':>6} "
+          f"{'decode tok/s':>12} "
           f"{'read frac':>9} {'decode vs FA':>12} {'prefill vs FA':>13}")
     for r in results:
         base = by_key.get((r["shape"], "FLASH_ATTN"))
@@ -259,19 +271,34 @@ def print_table(results: list[dict]) -> None:
             ref = next((x for x in base["contexts"] if x["context"] == c["context"]),
                        None) if base else None
             speed = f"{ref['decode_step_ms'] / c['decode_step_ms']:.2f}x" if ref else "-"
+            low, high = c["decode_step_spread_ms"]
             prefill = f"{c['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x" if ref else "-"
             frac = f"{c['read_fraction']:.3f}" if "read_fraction" in c else "-"
             print(f"{r['shape']:<8} {r['backend']:<10} {r['engine_start_s']:>7.1f} "
                   f"{r['kv_cache_tokens']:>10} {c['context']:>6} {c['batch']:>4} "
                   f"{c['prefill_tok_s']:>13.0f} {c['decode_step_ms']:>8.2f} "
+                  f"{low:>6.2f}-{high:<6.2f} {c['stalled_rounds']:>6} "
                   f"{c['decode_tok_s']:>12.1f} {frac:>9} {speed:>12} {prefill:>13}")
     for r in results:
         if "profile" in r:
             print(f"\nprofile {r['shape']} {r['backend']}: {json.dumps(r['profile'], indent=1)}")
 
 
+def versions() -> dict:
+    found = {}
+    for name in ("vllm", "torch", "triton"):
+        try:
+            found[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001  (informational)
+            found[name] = None
+    return found
+
+
 def write_summary(args, results: list[dict], failures: list[str]) -> None:
     summary = {"device": device_name(), "date": datetime.date.today().isoformat(),
+               # the GPU machine gets the work tree without .git: the caller passes it
+               "git_commit": os.environ.get("GIT_COMMIT", "unknown"), "versions": versions(),
+               "decode_rounds": DECODE_ROUNDS,
                "decode_steps": args.decode_steps, "results": results, "failures": failures}
     with open(os.path.join(args.out, f"e2e_{'_'.join(args.shapes)}.json"), "w") as f:
         json.dump(summary, f, indent=1)
