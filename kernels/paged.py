@@ -2,6 +2,10 @@
 stages in `triton/` (same function names, same signatures; the Triton `plan` argument is
 accepted and ignored). Cache layout: kernels/README.md, "Paged cache layout".
 
+The two caches after the raw K/V (`cmp_key_cache`, `cmp_value_cache` in the signatures) hold
+the selection scorer's entries: the compressed K/V under selection_score "compressed", the
+per-block key bounds (min, max) under "bounds" ([P, bounds_per_page, H, D] each).
+
 Each stage gathers a request's pages and runs the sequence reference (`reference.py`) on
 them, so the twin is the reference by construction. Tensors may be strided views (vLLM
 allocates them inside one buffer per layer).
@@ -34,6 +38,22 @@ def gather_compressed(cmp_cache: torch.Tensor, block_table_row: torch.Tensor,
                         offset + config.num_compressed(num_tokens))[offset:]
 
 
+def bounds_location(block: torch.Tensor, block_table_row: torch.Tensor, page_size: int,
+                    config: NSAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(page, slot) of selection block j's bounds: the page of its last token
+    e = j*l' + l' - 1, slot (e % page_size) // l' (0 when a page is shorter than a block)."""
+    last = config.bounds_entry_end(block)
+    return block_table_row[last // page_size].long(), (last % page_size) // config.select_block
+
+
+def gather_bounds(bounds_cache: torch.Tensor, block_table_row: torch.Tensor, num_tokens: int,
+                  page_size: int, config: NSAConfig) -> torch.Tensor:
+    """The bounds of the num_bounded(num_tokens) complete blocks of one request: [NBc, H, D]."""
+    blocks = torch.arange(config.num_bounded(num_tokens), device=bounds_cache.device)
+    pages, slots = bounds_location(blocks, block_table_row, page_size, config)
+    return bounds_cache[pages, slots]
+
+
 def _requests(query_start_loc: torch.Tensor, seq_lens: torch.Tensor):
     """(request, its query rows, its query positions, its seq_len) of each non-empty request."""
     starts = query_start_loc.tolist()
@@ -64,16 +84,23 @@ def compress(key_cache: torch.Tensor, value_cache: torch.Tensor,
              cmp_key_cache: torch.Tensor, cmp_value_cache: torch.Tensor,
              block_table: torch.Tensor, emit_req: torch.Tensor, emit_index: torch.Tensor,
              config: NSAConfig) -> None:
-    """Write compressed entries (phi = mean) from the raw paged cache.
+    """Write the selection scorer's entries that this step's tokens complete, from the raw
+    paged cache: compressed entries (phi = mean), or under selection_score "bounds" the key
+    bounds of selection blocks (`write_bounds`; cmp_key_cache / cmp_value_cache are then
+    the min / max caches).
 
-    emit_req [E] (row of block_table) and emit_index [E] (compressed index i) list the
-    entries whose window completed this step; rows with emit_req < 0 are padding (fixed-size
-    launches for CUDA graphs) and are skipped.
+    emit_req [E] (row of block_table) and emit_index [E] (compressed index i, or block j)
+    list the entries whose last raw token was written this step; rows with emit_req < 0
+    are padding (fixed-size launches for CUDA graphs) and are skipped.
     """
     valid = emit_req >= 0
     req = emit_req[valid].long()
     index = emit_index[valid].long()
     if req.numel() == 0:
+        return
+    if config.uses_bounds:
+        write_bounds(key_cache, cmp_key_cache, cmp_value_cache, block_table, req, index,
+                     config)
         return
     page_size = key_cache.shape[1]
     positions = (index * config.compress_stride).unsqueeze(1) + torch.arange(
@@ -86,6 +113,23 @@ def compress(key_cache: torch.Tensor, value_cache: torch.Tensor,
     for raw, compressed in ((key_cache, cmp_key_cache), (value_cache, cmp_value_cache)):
         mean = raw[pages, slots].float().mean(dim=1)                  # [E, H, D]
         compressed[dest_page, dest_slot] = mean.to(compressed.dtype)
+
+
+def write_bounds(key_cache: torch.Tensor, bound_min_cache: torch.Tensor,
+                 bound_max_cache: torch.Tensor, block_table: torch.Tensor, req: torch.Tensor,
+                 block: torch.Tensor, config: NSAConfig) -> None:
+    """The key min and max of selection block `block` [E] of request `req` [E] (no padding
+    rows), stored at the page and slot of the block's last token (`bounds_location`)."""
+    page_size = key_cache.shape[1]
+    positions = (block * config.select_block).unsqueeze(1) + torch.arange(
+        config.select_block, device=req.device)                       # [E, l']
+    keys = key_cache[block_table[req.unsqueeze(1), positions // page_size].long(),
+                     positions % page_size]                           # [E, l', H, D]
+    last = config.bounds_entry_end(block)
+    dest_page = block_table[req, last // page_size].long()
+    dest_slot = (last % page_size) // config.select_block
+    bound_min_cache[dest_page, dest_slot] = keys.amin(dim=1).to(bound_min_cache.dtype)
+    bound_max_cache[dest_page, dest_slot] = keys.amax(dim=1).to(bound_max_cache.dtype)
 
 
 def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -124,6 +168,15 @@ def score(q: torch.Tensor, cmp_key_cache: torch.Tensor, cmp_value_cache: torch.T
 
 
 # ---------------------------------------------------------------- stage: select
+def _select_all(block_indices: torch.Tensor, rows: slice, positions: torch.Tensor,
+                seq_len: int, config: NSAConfig) -> None:
+    """Every block j <= t // l' of each row (a request of at most n*l' tokens)."""
+    num_blocks = config.num_select_blocks(seq_len)
+    blocks = torch.arange(num_blocks, dtype=torch.int32, device=block_indices.device)
+    chosen = torch.where(blocks <= positions.view(-1, 1, 1) // config.select_block, blocks, -1)
+    block_indices[rows, :, :num_blocks] = chosen
+
+
 def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tensor,
            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, lse: torch.Tensor,
            config: NSAConfig, scale: float, plan=None) -> torch.Tensor:
@@ -136,15 +189,32 @@ def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tens
                                dtype=torch.int32, device=q.device)
     for r, rows, positions, seq_len in _requests(query_start_loc, seq_lens):
         if seq_len <= config.dense_tokens:   # every block, whatever the scores
-            block_indices[rows, :, :config.num_select_blocks(seq_len)] = torch.arange(
-                config.num_select_blocks(seq_len), dtype=torch.int32, device=q.device)
-            block_indices[rows] = torch.where(
-                block_indices[rows] <= positions.view(-1, 1, 1) // config.select_block,
-                block_indices[rows], -1)
+            _select_all(block_indices, rows, positions, seq_len, config)
             continue
         k_cmp = gather_compressed(cmp_key_cache, block_table[r], seq_len, config)
         block_indices[rows] = reference.select(q[rows], k_cmp, lse[rows], positions, seq_len,
                                                config, scale).to(torch.int32)
+    return block_indices
+
+
+def select_bounds(q: torch.Tensor, bound_min_cache: torch.Tensor,
+                  bound_max_cache: torch.Tensor, block_table: torch.Tensor,
+                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, config: NSAConfig,
+                  scale: float, page_size: int, plan=None) -> torch.Tensor:
+    """Block selection with the "bounds" scorer (merged mode; no score stage): returns
+    block_indices [N, H, select_topk] int32 as `select`. Requests of at most n*l' tokens
+    select every block and read no bounds."""
+    num_kv_heads = bound_min_cache.shape[2]
+    block_indices = torch.full((q.shape[0], num_kv_heads, config.select_topk), -1,
+                               dtype=torch.int32, device=q.device)
+    for r, rows, positions, seq_len in _requests(query_start_loc, seq_lens):
+        if seq_len <= config.dense_tokens:
+            _select_all(block_indices, rows, positions, seq_len, config)
+            continue
+        k_min, k_max = (gather_bounds(cache, block_table[r], seq_len, page_size, config)
+                        for cache in (bound_min_cache, bound_max_cache))
+        block_indices[rows] = reference.select_by_bounds(
+            q[rows], k_min, k_max, positions, seq_len, config, scale).to(torch.int32)
     return block_indices
 
 

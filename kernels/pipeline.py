@@ -24,9 +24,22 @@ def run_stages(stages, q: torch.Tensor, key_cache: torch.Tensor, value_cache: to
                seq_lens: torch.Tensor, config: NSAConfig, scale: float,
                output: torch.Tensor, gated: bool, plan) -> torch.Tensor:
     """NSA for a batch of requests with `stages` (a module with score/select/attend);
-    the compressed entries of this step must already be emitted. Returns block_indices
-    [N, H, select_topk] int32, ascending, -1 padded."""
+    the scorer entries of this step must already be emitted (`compress`). Returns
+    block_indices [N, H, select_topk] int32, ascending, -1 padded.
+
+    selection_score "bounds" (merged mode only): cmp_key_cache / cmp_value_cache hold the
+    block bounds (key min / max), and select_bounds replaces score + select."""
     o_cmp, o_slc, o_win = output_views(output, gated)
+    if config.uses_bounds:
+        if gated:
+            raise ValueError("selection_score='bounds' is a merged-mode scorer; the gated "
+                             "mode scores with its compressed branch")
+        block_indices = stages.select_bounds(q, cmp_key_cache, cmp_value_cache, block_table,
+                                             query_start_loc, seq_lens, config, scale,
+                                             key_cache.shape[1], plan)
+        stages.attend(q, key_cache, value_cache, block_table, query_start_loc, seq_lens,
+                      block_indices, config, scale, o_slc, o_win, plan)
+        return block_indices
     lse = stages.score(q, cmp_key_cache, cmp_value_cache, block_table, query_start_loc,
                        seq_lens, config, scale, o_cmp, plan)
     block_indices = stages.select(q, cmp_key_cache, block_table, query_start_loc, seq_lens,

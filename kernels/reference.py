@@ -20,6 +20,8 @@ _CHUNK_ELEMENTS = 1 << 24
 # Consecutive queries per selection chunk: they share most selected blocks.
 _SELECT_CHUNK_QUERIES = 64
 _NEG_INF = float("-inf")
+# How the "bounds" scorer folds a KV group's G query heads into one score per block.
+BOUNDS_GROUP_REDUCE = "sum"
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -129,29 +131,38 @@ def block_importance(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor,
 
 def top_blocks(p_slc: torch.Tensor, q_positions: torch.Tensor, num_kv_heads: int,
                config: NSAConfig) -> torch.Tensor:
-    """Group-consistent top-n: block_indices [Q, H, n] int64, ascending, -1 padded at the end.
-
-    Scores are summed over each KV head's query heads; forced blocks (the first init_blocks
-    and the local_blocks ending at the current one) outrank all others; only blocks
-    j <= t // l' are candidates; ties go to the lower block index.
-    """
+    """Group-consistent top-n of the compressed importance p_slc [Q, HQ, NB], summed over
+    each KV head's query heads (spec Eq. 10): see rank_blocks."""
     num_q, num_heads, num_blocks = p_slc.shape
     group_scores = p_slc.reshape(num_q, num_kv_heads, num_heads // num_kv_heads,
                                  num_blocks).sum(dim=2)
-    blocks = torch.arange(num_blocks, device=p_slc.device).view(1, -1)
+    return rank_blocks(group_scores, q_positions, config)
+
+
+def rank_blocks(group_scores: torch.Tensor, q_positions: torch.Tensor, config: NSAConfig
+                ) -> torch.Tensor:
+    """Top-n of group scores [Q, H, NB]: block_indices [Q, H, n] int64, ascending, -1 padded
+    at the end. Forced blocks (the first init_blocks and the local_blocks ending at the
+    current one) outrank all others; only blocks j <= t // l' are candidates; ties go to
+    the lower block index. Scores may be any finite value (the bounds scorer's are
+    logits); NaN ranks below every real candidate."""
+    num_q, num_kv_heads, num_blocks = group_scores.shape
+    blocks = torch.arange(num_blocks, device=group_scores.device).view(1, -1)
     current = (q_positions // config.select_block).view(-1, 1)
     candidate = blocks <= current
     forced = candidate & ((blocks < config.init_blocks)
                           | (blocks > current - config.local_blocks))
-    scores = group_scores.masked_fill(forced[:, None, :], math.inf)
+    scores = group_scores.nan_to_num(nan=torch.finfo(group_scores.dtype).min,
+                                     neginf=torch.finfo(group_scores.dtype).min)
+    scores = scores.masked_fill(forced[:, None, :], math.inf)
     scores = scores.masked_fill(~candidate[:, None, :], _NEG_INF)
     topk = config.select_topk
     if num_blocks < topk:  # pad so the sort always yields n columns
         scores = torch.nn.functional.pad(scores, (0, topk - num_blocks), value=_NEG_INF)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :topk]
-    chosen_scores = torch.gather(scores, -1, order)
+    chosen = torch.gather(scores, -1, order) != _NEG_INF
     # Ascending block order with the -1 padding last: sort with padding keyed past the end.
-    keyed = torch.where(chosen_scores == _NEG_INF, torch.full_like(order, 1 << 62), order)
+    keyed = torch.where(chosen, order, torch.full_like(order, 1 << 62))
     keyed = torch.sort(keyed, dim=-1).values
     return torch.where(keyed == 1 << 62, torch.full_like(keyed, -1), keyed)
 
@@ -162,6 +173,44 @@ def select(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, q_positions:
     p_slc = block_importance(q, k_cmp, lse, q_positions, config.num_select_blocks(num_tokens),
                              config, scale)
     return top_blocks(p_slc, q_positions, k_cmp.shape[1], config)
+
+
+# ---------------------------------------------------------------- stage: select (bounds)
+def block_bounds(k: torch.Tensor, config: NSAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "bounds" scorer's cache entries: the elementwise min and max of each complete
+    selection block's keys, [NBc, H, D] each with NBc = config.num_bounded(T), in k's dtype
+    (a min or max of stored values is one of them: exact in any dtype)."""
+    num_bounded = config.num_bounded(k.shape[0])
+    blocks = k[:num_bounded * config.select_block].unflatten(0, (num_bounded,
+                                                                 config.select_block))
+    return blocks.amin(dim=1), blocks.amax(dim=1)
+
+
+def bound_scores(q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor,
+                 config: NSAConfig, scale: float) -> torch.Tensor:
+    """Quest's bound of each query head's largest scaled logit in each bounded block:
+    s * sum_i max(q_i min_i, q_i max_i) = s * (q+ . max + q- . min) with q+ = max(q, 0),
+    q- = min(q, 0) (the same products, since min <= max). [Q, H, G, NBc]."""
+    work = _work_dtype(q)
+    qg = _group_view(q.to(work), k_min.shape[1])                     # [Q, H, G, D]
+    upper = (torch.einsum("qhgd,bhd->qhgb", qg.clamp(min=0), k_max.to(work))
+             + torch.einsum("qhgd,bhd->qhgb", qg.clamp(max=0), k_min.to(work)))
+    return upper * scale
+
+
+def select_by_bounds(q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor,
+                     q_positions: torch.Tensor, num_tokens: int, config: NSAConfig,
+                     scale: float) -> torch.Tensor:
+    """Block selection with the "bounds" scorer: block_indices [Q, H, n]. A KV head's score
+    of a block is the max over its G query heads of their bounds (BOUNDS_GROUP_REDUCE); only
+    complete blocks have bounds, and every block that is not complete at position t is
+    its current block, which is forced."""
+    num_blocks = config.num_select_blocks(num_tokens)
+    bounds = bound_scores(q, k_min, k_max, config, scale)
+    group = bounds.amax(dim=2) if BOUNDS_GROUP_REDUCE == "max" else bounds.sum(dim=2)
+    group = torch.nn.functional.pad(group, (0, num_blocks - group.shape[-1]),
+                                    value=_NEG_INF)
+    return rank_blocks(group, q_positions, config)
 
 
 def _blocks_to_mask(block_indices: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -277,17 +326,21 @@ def combine_gated(branches: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
 
 def nsa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: NSAConfig, *,
                 gated: bool, scale: float | None = None,
-                compressed: tuple[torch.Tensor, torch.Tensor] | None = None
+                compressed: tuple[torch.Tensor, torch.Tensor] | None = None,
+                bounds: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The stages in order, the shared core of every NSA path (float32/64 result, not cast
-    back): compress -> score -> select -> attend.
+    back): compress -> score -> select -> attend (selection_score "compressed"), or
+    bounds -> select -> attend ("bounds", merged mode only).
 
     gated=False: merged, training-free mode -> [Q, HQ, Dv]: exact attention over the
-      selected blocks ∪ window; the compressed branch only scores blocks.
+      selected blocks ∪ window; the compressed branch (if any) only scores blocks.
     gated=True: the three branch outputs [Q, HQ, 3, Dv] in BRANCHES order (cmp, slc, win),
       the model applies its gates (o_win is 0 when window == 0).
     compressed: (k_cmp, v_cmp) as a cache holds them (at least C(T-1) entries); computed
       from k/v with phi = mean when None.
+    bounds: (k_min, k_max) as a cache holds them (at least num_bounded(T) blocks);
+      computed from k when None.
     Returns (output, block_indices [Q, H, n]).
     """
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
@@ -295,6 +348,18 @@ def nsa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: NSACo
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     num_tokens = k.shape[0]
     positions = query_positions(q.shape[0], num_tokens, q.device)
+    if config.uses_bounds:
+        if gated:
+            raise ValueError("selection_score='bounds' is a merged-mode scorer; the gated "
+                             "mode (NSA checkpoints) scores with its compressed branch")
+        if bounds is None:
+            bounds = block_bounds(k, config)
+        num_bounded = config.num_bounded(num_tokens)
+        k_min, k_max = (x[:num_bounded] for x in bounds)
+        block_indices = select_by_bounds(q, k_min, k_max, positions, num_tokens, config,
+                                         scale)
+        return attend(q, k, v, block_indices, positions, config, scale, False)[0], \
+            block_indices
     if compressed is None:
         compressed = compress(k, v, config)
     num_cmp = config.num_compressed(num_tokens)
@@ -326,24 +391,54 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: NSA
 
 
 # ---------------------------------------------------------------- decode economics
-def decode_read_counts_batch(seq_lens: torch.Tensor, config: NSAConfig) -> dict[str, torch.Tensor]:
-    """Per-request raw-token-equivalents a decode step reads per KV head at context length
-    seq_lens (spec, "Decode economics"): compressed entries, selected real tokens (the
-    partial current block is always selected), window tokens, their total, and dense."""
+def decode_read_counts_batch(seq_lens: torch.Tensor, config: NSAConfig, gated: bool = False
+                             ) -> dict[str, torch.Tensor]:
+    """Per-request raw-token equivalents (one token's K and V) a decode step reads per KV
+    head at context length seq_lens: what the kernels read, by stage.
+
+    compressed: C(t) compressed entries (K and V each one token's size; the merged mode
+      reads their keys only, counted whole as the spec's Table 4 does);
+    bounds: the "bounds" scorer's block bounds read, one (key min, key max) pair per
+      non-forced candidate block = one raw token's K+V size each;
+    selected: real tokens of the selected blocks (the partial current block included);
+    window: the sliding window's tokens. Gated mode (NSA checkpoints, separate branches):
+      min(w, t), the spec's Table-4 count. Merged mode: only window tokens outside the
+      selected blocks are read (the attend stage skips the others), counted as the window
+      minus the forced local blocks and at most the tokens no selected block covers, so
+      selected + window <= t;
+    total, and dense = t.
+
+    Merged mode at t <= n*l' (`NSAConfig.dense_tokens`): every block is selected, so the
+    step is exact dense attention over the raw K/V and reads t tokens, no scorer entry."""
     seq_lens = torch.as_tensor(seq_lens, dtype=torch.int64)
     if (seq_lens < 1).any():
         raise ValueError(f"seq_lens must be >= 1, got {seq_lens.min().item()}")
     block, topk = config.select_block, config.select_topk
     num_blocks = -(-seq_lens // block)
-    selected = torch.where(num_blocks <= topk, seq_lens,
-                           (topk - 1) * block + seq_lens - (num_blocks - 1) * block)
-    compressed = config.num_compressed(seq_lens)
+    sparse = num_blocks > topk
+    last_block_tokens = seq_lens - (num_blocks - 1) * block
+    selected = torch.where(sparse, (topk - 1) * block + last_block_tokens, seq_lens)
+    zeros = torch.zeros_like(seq_lens)
     window = seq_lens.clamp(max=config.window)
-    return {"compressed": compressed, "selected": selected, "window": window,
-            "total": compressed + selected + window, "dense": seq_lens}
+    if config.uses_bounds:
+        compressed = zeros
+        bounds = torch.where(sparse, num_blocks - config.init_blocks - config.local_blocks,
+                             zeros)
+    else:
+        compressed = config.num_compressed(seq_lens)
+        bounds = zeros
+    if not gated:
+        compressed = torch.where(sparse, compressed, zeros)
+        local = torch.minimum((config.local_blocks - 1) * block + last_block_tokens,
+                              seq_lens)
+        window = torch.minimum((window - local).clamp(min=0), seq_lens - selected)
+    total = compressed + bounds + selected + window
+    return {"compressed": compressed, "bounds": bounds, "selected": selected,
+            "window": window, "total": total, "dense": seq_lens}
 
 
-def decode_read_counts(seq_len: int, config: NSAConfig) -> dict[str, int]:
+def decode_read_counts(seq_len: int, config: NSAConfig, gated: bool = False
+                       ) -> dict[str, int]:
     """decode_read_counts_batch for one context length, as plain ints."""
-    counts = decode_read_counts_batch(torch.tensor([seq_len]), config)
+    counts = decode_read_counts_batch(torch.tensor([seq_len]), config, gated)
     return {name: int(value[0]) for name, value in counts.items()}

@@ -83,7 +83,10 @@ def _brute_force(q, k, v, cfg, gates, scale, forced_indices):
             p_slc[h] = torch.tensor(importance, dtype=torch.float64)
         current = t // lp
         for g in range(H):
-            P = p_slc[g * G:(g + 1) * G].sum(dim=0)
+            if getattr(cfg, "selection_score", "compressed") == "bounds":
+                P = _bounds_group_scores(q[row], k, g, G, t, lp, NB, s)
+            else:
+                P = p_slc[g * G:(g + 1) * G].sum(dim=0)
             group_scores[row, g] = P
             candidates = list(range(current + 1))
 
@@ -111,6 +114,26 @@ def _brute_force(q, k, v, cfg, gates, scale, forced_indices):
                     o = o + gt[2] * o_win
                 out[row, h] = o
     return out, indices, group_scores
+
+
+def _bounds_group_scores(q_row, k, kv, G, t, lp, NB, s):
+    """The "bounds" scorer (Quest) for one query position t and KV head kv: for every block
+    j complete at t (all of j*l' .. j*l'+l'-1 <= t), per query head of the group the sum over
+    dimensions i of max(q_i * min_i, q_i * max_i), min/max over the block's keys, times the
+    scale; the group's score is the sum over its G heads. Blocks without bounds: -inf."""
+    scores = torch.full((NB,), float("-inf"), dtype=torch.float64)
+    for j in range(NB):
+        if (j + 1) * lp - 1 > t:
+            continue
+        block = k[j * lp:(j + 1) * lp, kv]                      # [l', D]
+        lo = torch.stack([block[:, i].min() for i in range(block.shape[1])])
+        hi = torch.stack([block[:, i].max() for i in range(block.shape[1])])
+        total = 0.0
+        for h in range(kv * G, (kv + 1) * G):
+            total += s * sum(max(float(q_row[h, i] * lo[i]), float(q_row[h, i] * hi[i]))
+                             for i in range(block.shape[1]))
+        scores[j] = total
+    return scores
 
 
 def assert_same_blocks_except_near_ties(idx, oracle_idx, group_scores, tolerance):

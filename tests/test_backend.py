@@ -1,7 +1,8 @@
 """Backend conformance without an engine: NSAAttentionImpl on a vLLM-shaped padded page
 buffer, driven step by step like vLLM's scheduler would (prefill from scratch, chunked
 prefill across compression windows and selection blocks, decode, prefix-cache hits on
-shared pages), against the reference `nsa_attention` on each request's full sequence."""
+shared pages), against the reference `nsa_attention` on each request's full sequence; both
+selection scorers, whose cache entries must be written once per entry."""
 import random
 
 import pytest
@@ -13,10 +14,12 @@ from vllm_nsa.backend import (  # noqa: E402
     NSAAttentionImpl,
     NSAAttentionMetadata,
     compressed_to_emit,
+    emission_geometry,
     page_buffer,
     split_kv_cache,
 )
 from vllm_nsa.config import NSAConfig  # noqa: E402
+from vllm_nsa.kernels import paged  # noqa: E402
 from vllm_nsa.kernels.reference import nsa_attention  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_SIZE = 6, 2, 32
@@ -25,7 +28,7 @@ NUM_PAGES = 160
 
 
 def kv_page_buffer(page_size, config, dtype=torch.float32):
-    return page_buffer(NUM_PAGES, page_size, KV_HEADS, HEAD_SIZE, dtype, config.compress_stride)
+    return page_buffer(NUM_PAGES, page_size, KV_HEADS, HEAD_SIZE, dtype, config)
 
 
 class Request:
@@ -45,6 +48,26 @@ class Simulator:
         self.rng.shuffle(self.free_pages)
         self.impl = NSAAttentionImpl(HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, KV_HEADS, None, None,
                                      "auto", nsa_config=config, gated=gated)
+        # (page, slot) of every scorer entry written since its page was (re)allocated.
+        self.written = set()
+
+    def record_writes(self, block_table, emit_req, emit_index):
+        """Check that no scorer entry is written twice while its page stays allocated
+        (prefill chunks, decodes and prefix-cache hits each write an entry exactly once)."""
+        span, stride = emission_geometry(self.config)
+        slot_width = self.config.select_block if self.config.uses_bounds else stride
+        for r, i in zip(emit_req.tolist(), emit_index.tolist()):
+            if r < 0:
+                continue
+            last = i * stride + span - 1
+            where = (int(block_table[r, last // self.page_size]),
+                     (last % self.page_size) // slot_width)
+            assert where not in self.written, f"scorer entry {i} rewritten at {where}"
+            self.written.add(where)
+
+    def free(self, pages):
+        self.free_pages += pages
+        self.written = {(p, s) for p, s in self.written if p not in set(pages)}
 
     def new_request(self, length, prefix_of=None):
         k = torch.randn(length, KV_HEADS, HEAD_SIZE, generator=self.gen)
@@ -99,8 +122,18 @@ class Simulator:
         width = 3 * HEAD_SIZE if self.gated else HEAD_SIZE
         output = torch.full((num_tokens + pad, HEADS * width), float("nan"))
         self.impl.do_kv_cache_update(None, key, value, self.kv_cache, slot_mapping)
-        self.impl.forward(None, query, key, value, self.kv_cache, metadata,
-                          output.view(-1, HEADS, HEAD_SIZE))
+        compress = paged.compress
+
+        def checked_compress(*args):
+            self.record_writes(args[4], args[5], args[6])
+            compress(*args)
+
+        paged.compress = checked_compress
+        try:
+            self.impl.forward(None, query, key, value, self.kv_cache, metadata,
+                              output.view(-1, HEADS, HEAD_SIZE))
+        finally:
+            paged.compress = compress
         for r, (request, n) in enumerate(schedule):
             rows = slice(int(query_start_loc[r]), int(query_start_loc[r + 1]))
             got = output[rows].view(n, HEADS, -1)
@@ -116,6 +149,11 @@ CONFIGS = [
     NSAConfig(compress_block=32, compress_stride=16, select_block=64, select_topk=4, window=48),
     NSAConfig(compress_block=16, compress_stride=16, select_block=16, select_topk=5, window=0),
 ]
+BOUNDS_CONFIGS = [
+    NSAConfig(select_block=64, select_topk=4, window=48, selection_score="bounds"),
+    NSAConfig(compress_block=16, compress_stride=16, select_block=16, select_topk=5, window=0,
+              selection_score="bounds"),
+]
 
 
 @pytest.mark.parametrize("page_size", [16, 64])
@@ -123,14 +161,26 @@ CONFIGS = [
 @pytest.mark.parametrize("gated", [False, True], ids=["merged", "gated"])
 def test_random_batches_match_reference(page_size, config, gated):
     """~50 random scheduler steps per case (400 batches over the grid)."""
-    sim = Simulator(page_size, config, gated, seed=page_size + 7 * gated)
+    run_simulation(Simulator(page_size, config, gated, seed=page_size + 7 * gated))
+
+
+@pytest.mark.parametrize("page_size", [16, 32, 128])
+@pytest.mark.parametrize("config", BOUNDS_CONFIGS, ids=["paper-shape", "fla-shape"])
+def test_bounds_random_batches_match_reference(page_size, config):
+    """The "bounds" scorer (merged mode): block bounds written once, in the step that
+    writes the block's last token, in that token's page (one slot per page when a page is
+    shorter than a block, as vLLM's default page of 16 with l' = 64)."""
+    run_simulation(Simulator(page_size, config, False, seed=page_size + 3))
+
+
+def run_simulation(sim):
     running = []
     for _ in range(50):
         # retire finished requests and admit new ones (some as prefix-cache hits)
         finished = [r for r in running if r.done == r.k.shape[0]]
         running = [r for r in running if r.done < r.k.shape[0]]
         in_use = {p for r in running for p in r.pages}
-        sim.free_pages += sorted({p for r in finished for p in r.pages} - in_use)
+        sim.free(sorted({p for r in finished for p in r.pages} - in_use))
         while len(running) < 4 and len(sim.free_pages) > 24:
             base = sim.rng.choice(running) if running and sim.rng.random() < 0.4 else None
             length = sim.rng.randint(1, 380)
@@ -160,12 +210,31 @@ def test_compressed_entries_land_at_their_last_token():
     assert emit_req.tolist() == [0, 1] + [2] * 6
     assert emit_index.tolist() == [1, 0, 1, 2, 3, 4, 5, 6]
     kv_cache = kv_page_buffer(16, config)
-    key, value, cmp_key, cmp_value = split_kv_cache(kv_cache, HEAD_SIZE, 16)
+    key, value, cmp_key, cmp_value = split_kv_cache(kv_cache, HEAD_SIZE, config)
     assert key.shape == (NUM_PAGES, 16, KV_HEADS, HEAD_SIZE)
     assert cmp_key.shape == (NUM_PAGES, 1, KV_HEADS, HEAD_SIZE)
     # the compressed part of page p starts right after its raw part
     assert cmp_key.storage_offset() == 16 * KV_HEADS * 2 * HEAD_SIZE
     assert cmp_value.storage_offset() == cmp_key.storage_offset() + HEAD_SIZE
+
+
+def test_bounds_land_at_their_last_token():
+    config = BOUNDS_CONFIGS[0]                            # l' = 64
+    emit_req, emit_index = compressed_to_emit(torch.tensor([0, 1, 41, 241]),
+                                              torch.tensor([128, 41, 240]), config)
+    # request 0 grows 127 -> 128: block 1 (64..127) completes; request 1: none;
+    # request 2 grows 40 -> 240: blocks 0..2
+    assert emit_req.tolist() == [0, 2, 2, 2]
+    assert emit_index.tolist() == [1, 0, 1, 2]
+    for page_size, slots in ((16, 1), (64, 1), (128, 2)):
+        kv_cache = kv_page_buffer(page_size, config)
+        key, value, bound_min, bound_max = split_kv_cache(kv_cache, HEAD_SIZE, config)
+        assert key.shape == (NUM_PAGES, page_size, KV_HEADS, HEAD_SIZE)
+        assert bound_min.shape == bound_max.shape == (NUM_PAGES, slots, KV_HEADS, HEAD_SIZE)
+        raw = page_size * KV_HEADS * 2 * HEAD_SIZE
+        assert bound_min.storage_offset() == raw
+        assert bound_max.storage_offset() == raw + HEAD_SIZE
+        assert bound_min.stride(0) == raw + slots * KV_HEADS * 2 * HEAD_SIZE
 
 
 def test_impl_rejects_unsupported_layers():
@@ -178,3 +247,7 @@ def test_impl_rejects_unsupported_layers():
     with pytest.raises(ValueError, match="attention type 'encoder_only'"):
         NSAAttentionImpl(4, 64, 1.0, 2, None, None, "auto", attn_type="encoder_only",
                          nsa_config=CONFIGS[0])
+    with pytest.raises(ValueError, match="selection_score='bounds' is not supported by an "
+                                         "NSA model"):
+        NSAAttentionImpl(4, 64, 1.0, 2, None, None, "auto", nsa_config=BOUNDS_CONFIGS[0],
+                         gated=True)

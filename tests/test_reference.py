@@ -6,7 +6,13 @@ import torch
 
 from oracle import assert_same_blocks_except_near_ties, oracle_nsa
 from vllm_nsa.config import NSAConfig
-from vllm_nsa.kernels.reference import decode_read_counts, nsa_attention
+from vllm_nsa.kernels.reference import (
+    block_bounds,
+    bound_scores,
+    decode_read_counts,
+    decode_read_counts_batch,
+    nsa_attention,
+)
 
 # Tolerances. fp32 inputs: the reference accumulates in fp32 over <= a few hundred keys, so
 # outputs (O(1) magnitude) agree with float64 to ~1e-6; 2e-5 leaves headroom. bf16 inputs:
@@ -24,9 +30,10 @@ BLOCK_CONFIGS = {
 }
 
 
-def make_config(blocks):
+def make_config(blocks, **overrides):
     l, d, lp = blocks
-    return NSAConfig(compress_block=l, compress_stride=d, select_block=lp, **BLOCK_CONFIGS[blocks])
+    return NSAConfig(compress_block=l, compress_stride=d, select_block=lp,
+                     **(BLOCK_CONFIGS[blocks] | overrides))
 
 
 def lengths_for(blocks):
@@ -180,10 +187,11 @@ def test_no_compressed_tokens_yet_gives_zero_not_nan():
 
 
 def test_decode_read_counts_table4():
-    counts = decode_read_counts(65536, NSAConfig())
-    assert counts == {"compressed": 4095, "selected": 1024, "window": 512, "total": 5631,
-                      "dense": 65536}
-    small = decode_read_counts(100, NSAConfig())
+    """Gated mode (separate branches): the spec's Table-4 counts."""
+    counts = decode_read_counts(65536, NSAConfig(), gated=True)
+    assert counts == {"compressed": 4095, "bounds": 0, "selected": 1024, "window": 512,
+                      "total": 5631, "dense": 65536}
+    small = decode_read_counts(100, NSAConfig(), gated=True)
     assert small["selected"] == 100 and small["window"] == 100 and small["compressed"] == 5
     # partial current block: 15 full blocks + the 36 tokens of the current one
     assert decode_read_counts(64 * 20 + 36, NSAConfig())["selected"] == 15 * 64 + 36
@@ -198,6 +206,88 @@ def test_decode_read_counts_match_selection():
     positions = [p for j in idx[0, 0].tolist() if j >= 0 for p in range(j * 64, (j + 1) * 64)
                  if p < T]
     assert decode_read_counts(T, cfg)["selected"] == len(positions)
+
+
+# ------------------------------------------------------------------ the "bounds" scorer
+@pytest.mark.parametrize("blocks", list(BLOCK_CONFIGS))
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_bounds_matches_oracle_fp32(blocks, group):
+    cfg = make_config(blocks, selection_score="bounds")
+    for i, T in enumerate(lengths_for(blocks)):
+        check_against_oracle(cfg, T, min(T, 48), 2 * group, 2, 16, torch.float32, False,
+                             seed=i)
+
+
+@pytest.mark.parametrize("blocks", [(32, 16, 64), (16, 16, 16)])
+def test_bounds_matches_oracle_bf16(blocks):
+    cfg = make_config(blocks, selection_score="bounds")
+    T = lengths_for(blocks)[-1]
+    check_against_oracle(cfg, T, 40, 6, 2, 32, torch.bfloat16, False, seed=7)
+
+
+def test_bounds_bound_the_block_logits():
+    """Quest's score of a block is an upper bound of every scaled q.k in it, and is attained
+    when one key of the block holds every dimension's extreme."""
+    cfg = NSAConfig(select_block=16, compress_block=16, compress_stride=16, select_topk=3,
+                    selection_score="bounds")
+    q, k, _, _ = random_inputs(160, 20, 6, 2, 32, torch.float64, 2, False)
+    k_min, k_max = block_bounds(k, cfg)
+    bounds = bound_scores(q, k_min, k_max, cfg, 0.5)                   # [Q, H, G, NB]
+    logits = torch.einsum("qhgd,thd->qhgt", q.view(20, 2, 3, 32), k) * 0.5
+    block_max = logits.unflatten(-1, (10, 16)).amax(dim=-1)
+    assert (bounds >= block_max - 1e-12).all()
+    extreme = torch.where(q[0, 0] > 0, k_max[4, 0], k_min[4, 0])
+    k[4 * 16 + 5, 0] = extreme
+    torch.testing.assert_close(bound_scores(q[:1], *block_bounds(k, cfg), cfg, 0.5)[0, 0, 0, 4],
+                               (q[0, 0] @ extreme) * 0.5)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_bounds_select_a_planted_exact_match(group):
+    """A block holding a key equal to the query is selected at every later position (every
+    query head of the group asks for the same vector) among ordinary haystack keys."""
+    cfg = NSAConfig(select_topk=4, window=64, selection_score="bounds")
+    T, H, D = 1200, 2, 32
+    gen = torch.Generator().manual_seed(group)
+    k = 0.5 * torch.randn(T, H, D, generator=gen)
+    v = torch.randn(T, H, D, generator=gen)
+    needle = torch.randn(D, generator=gen)
+    planted = 5 * 64 + 17                                   # block 5, far outside the window
+    k[planted, 1] = needle
+    q = torch.randn(T, H * group, D, generator=gen)
+    q[:, group:] = needle                                   # KV head 1's group looks for it
+    _, idx = nsa_attention(q[planted + 1:], k, v, cfg)
+    assert (idx[:, 1] == 5).any(dim=-1).all()
+
+
+def test_bounds_gated_is_rejected():
+    cfg = NSAConfig(selection_score="bounds")
+    q, k, v, gates = random_inputs(10, 10, 4, 2, 16, torch.float32, 0, True)
+    with pytest.raises(ValueError, match="merged-mode scorer"):
+        nsa_attention(q, k, v, cfg, gates=gates)
+
+
+@pytest.mark.parametrize("score", ["compressed", "bounds"])
+def test_merged_read_counts_never_exceed_dense_up_to_n_blocks(score):
+    """Merged mode: exact dense attention (every block selected, no scorer read) up to
+    n*l' tokens, so the counters equal dense there; past it they stay within the scorer's
+    reads of dense and fall below it once the window and the n blocks are full."""
+    cfg = NSAConfig(selection_score=score)
+    seq_lens = torch.arange(1, 16385)
+    counts = decode_read_counts_batch(seq_lens, cfg)
+    upto = seq_lens <= cfg.dense_tokens
+    assert torch.equal(counts["total"][upto], seq_lens[upto])
+    assert (counts["compressed"][upto] == 0).all() and (counts["bounds"][upto] == 0).all()
+    assert (counts["selected"] + counts["window"] <= seq_lens).all()
+    scorer = counts["compressed"] + counts["bounds"]
+    assert (counts["total"] <= seq_lens + scorer).all()
+    assert (counts["total"][seq_lens >= 1600] < seq_lens[seq_lens >= 1600]).all()
+    big = decode_read_counts(65536, cfg)
+    assert big["selected"] == 1024 and big["window"] == 512 - 128
+    if score == "bounds":
+        assert big["bounds"] == 1024 - 3 and big["compressed"] == 0
+    else:
+        assert big["compressed"] == 4095 and big["bounds"] == 0
 
 
 def test_rejects_bad_shapes():

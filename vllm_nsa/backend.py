@@ -65,12 +65,18 @@ ADDITIONAL_CONFIG_KEY = "nsa"
 # ------------------------------------------------------------------ parameters
 def resolve_nsa_config(vllm_config: VllmConfig) -> NSAConfig:
     """NSA parameters in force: an NSA checkpoint's own config, else the user's
-    additional_config["nsa"], else the paper defaults."""
-    hf_config = vllm_config.model_config.hf_text_config
-    if getattr(hf_config, "model_type", None) == "nsa":
-        return NSAConfig.from_hf_config(hf_config)
+    additional_config["nsa"] over the defaults of a dense model (the paper's, with the
+    training-free "bounds" selection scorer: `NSAConfig.for_dense_model`)."""
+    if is_nsa_checkpoint(vllm_config):
+        return NSAConfig.from_hf_config(vllm_config.model_config.hf_text_config)
     additional = vllm_config.additional_config or {}
-    return NSAConfig.from_dict(additional.get(ADDITIONAL_CONFIG_KEY))
+    return NSAConfig.for_dense_model(additional.get(ADDITIONAL_CONFIG_KEY))
+
+
+def is_nsa_checkpoint(vllm_config: VllmConfig) -> bool:
+    """An NSA model (gated mode, its own parameters) rather than a dense one (merged)."""
+    hf_config = vllm_config.model_config.hf_text_config
+    return getattr(hf_config, "model_type", None) == "nsa"
 
 
 def engine_facts(vllm_config: VllmConfig | None) -> dict[str, Any]:
@@ -111,43 +117,58 @@ def check_engine(vllm_config: VllmConfig) -> None:
 
 
 # ------------------------------------------------------------------ cache layout
-def compressed_page_bytes(spec: AttentionSpec, config: NSAConfig) -> int:
-    """Bytes of the compressed K/V that share a page with `spec.block_size` raw tokens."""
+def scorer_page_bytes(spec: AttentionSpec, config: NSAConfig) -> int:
+    """Bytes of the selection scorer's entries that share a page with `spec.block_size` raw
+    tokens: block_size/d compressed K/V entries ("compressed"), or bounds_per_page (key min,
+    key max) pairs ("bounds")."""
+    itemsize = spec.dtype.itemsize
+    if config.uses_bounds:
+        return (config.bounds_per_page(spec.block_size) * spec.num_kv_heads
+                * 2 * spec.head_size * itemsize)
     entries = spec.block_size // config.compress_stride
-    return entries * spec.num_kv_heads * (spec.head_size + spec.head_size_v) * \
-        spec.dtype.itemsize
+    return entries * spec.num_kv_heads * (spec.head_size + spec.head_size_v) * itemsize
 
 
-def split_kv_cache(kv_cache: torch.Tensor, head_size: int, compress_stride: int
+def scorer_slots(page_size: int, config: NSAConfig) -> int:
+    """Scorer entries per page (see scorer_page_bytes)."""
+    if config.uses_bounds:
+        return config.bounds_per_page(page_size)
+    return page_size // config.compress_stride
+
+
+def split_kv_cache(kv_cache: torch.Tensor, head_size: int, config: NSAConfig
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer's page buffer -> (key, value, cmp_key, cmp_value) in the layout of
-    `vllm_nsa.kernels.paged`.
+    `vllm_nsa.kernels.paged`; under selection_score "bounds" the last two are the block
+    bounds (key min, key max), [B, bounds_per_page, H, head_size] each.
 
     vLLM hands us the raw part as a logical [B, H, N, C] view (C = K||V) in the LBNHC
     layout, i.e. each page is [N, H, C] in memory; `customize_spec` padded each page by
-    N/d compressed entries laid out the same way right after it.
+    the scorer's entries, laid out the same way right after it: per slot and head the
+    compressed K||V (C wide), or the key min||max (2 * head_size wide).
     """
     num_pages, num_heads, page_tokens, content = kv_cache.shape
     if kv_cache.stride(1) != content or kv_cache.stride(2) != num_heads * content:
         raise RuntimeError(f"NSA expects the LBNHC KV-cache layout; got strides "
                            f"{kv_cache.stride()} for shape {tuple(kv_cache.shape)}")
     raw = kv_cache.permute(0, 2, 1, 3)                          # [B, N, H, C]
-    compressed = torch.as_strided(
-        kv_cache, (num_pages, page_tokens // compress_stride, num_heads, content),
-        (kv_cache.stride(0), num_heads * content, content, 1),
+    width = 2 * head_size if config.uses_bounds else content
+    extra = torch.as_strided(
+        kv_cache, (num_pages, scorer_slots(page_tokens, config), num_heads, width),
+        (kv_cache.stride(0), num_heads * width, width, 1),
         kv_cache.storage_offset() + page_tokens * num_heads * content)
     return (raw[..., :head_size], raw[..., head_size:],
-            compressed[..., :head_size], compressed[..., head_size:])
+            extra[..., :head_size], extra[..., head_size:])
 
 
 def page_buffer(num_pages: int, page_size: int, num_kv_heads: int, head_size: int,
-                dtype: torch.dtype, compress_stride: int, device=None) -> torch.Tensor:
+                dtype: torch.dtype, config: NSAConfig, device=None) -> torch.Tensor:
     """A per-layer KV cache laid out as vLLM hands it over: the logical [B, H, N, 2D] view
-    of LBNHC pages, each padded by its N/d compressed entries (`customize_spec`), filled
-    with NaN (tests poison with it; warm-up reads it)."""
+    of LBNHC pages, each padded by its scorer entries (`customize_spec`), filled with NaN
+    (tests poison with it; warm-up reads it)."""
     content = 2 * head_size
     raw = page_size * num_kv_heads * content
-    padded = raw + (page_size // compress_stride) * num_kv_heads * content
+    padded = raw + scorer_slots(page_size, config) * num_kv_heads * content
     buf = torch.full((num_pages * padded,), float("nan"), dtype=dtype, device=device)
     return torch.as_strided(buf, (num_pages, num_kv_heads, page_size, content),
                             (padded, content, num_kv_heads * content, 1))
@@ -182,24 +203,33 @@ class NSAAttentionMetadata:
     plan: object = None
 
 
+def emission_geometry(config: NSAConfig) -> tuple[int, int]:
+    """(span, stride) of the selection scorer's entries: entry i covers raw tokens
+    [i*stride, i*stride + span) and is written with its last one. Compressed entries:
+    (l, d); block bounds: (l', l')."""
+    if config.uses_bounds:
+        return config.select_block, config.select_block
+    return config.compress_block, config.compress_stride
+
+
 def compressed_to_emit(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                        config: NSAConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(request row, compressed index) of every entry completed by this step's tokens.
+    """(request row, entry index) of every scorer entry (compressed entry, or under
+    selection_score "bounds" block bounds) completed by this step's tokens.
 
     Request r held seq_len - query_len tokens before the step and seq_len after, so the
-    entries C(before) .. C(after) - 1 complete now — wherever a prefill chunk or a
+    entries E(before) .. E(after) - 1 complete now — wherever a prefill chunk or a
     decode step ends, and after a prefix-cache hit (whose entries are already stored).
     """
+    span, stride = emission_geometry(config)
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
     after = seq_lens.long()
     before = after - query_lens.long()
 
-    def num_compressed(n):
-        return torch.where(n >= config.compress_block,
-                           (n - config.compress_block) // config.compress_stride + 1,
-                           torch.zeros_like(n))
+    def num_complete(n):
+        return torch.where(n >= span, (n - span) // stride + 1, torch.zeros_like(n))
 
-    first, last = num_compressed(before), num_compressed(after)
+    first, last = num_complete(before), num_complete(after)
     counts = last - first
     emit_req = torch.repeat_interleave(torch.arange(len(counts)), counts)
     starts = torch.cumsum(counts, 0) - counts
@@ -211,16 +241,17 @@ def decode_emission(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, confi
                     emit_req: torch.Tensor, emit_index: torch.Tensor) -> None:
     """`compressed_to_emit` for a batch of single-token decodes, on the device, into one row
     per request (emit_req/emit_index of length R, written in place): a decode step that
-    ends at seq_len completes at most one entry, (seq_len - l) // d, exactly when
-    seq_len >= l and (seq_len - l) % d == 0. Rows that emit nothing (and padded requests,
-    query length 0) are -1. Fixed shapes and no host reads, so the buffers can be the
-    static inputs of a captured decode graph."""
+    ends at seq_len completes at most one entry, (seq_len - span) // stride, exactly when
+    seq_len >= span and (seq_len - span) % stride == 0 (`emission_geometry`). Rows that
+    emit nothing (and padded requests, query length 0) are -1. Fixed shapes and no host
+    reads, so the buffers can be the static inputs of a captured decode graph."""
+    span, stride = emission_geometry(config)
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
-    since = seq_lens.long() - config.compress_block
-    emits = (query_lens == 1) & (since >= 0) & (since % config.compress_stride == 0)
+    since = seq_lens.long() - span
+    emits = (query_lens == 1) & (since >= 0) & (since % stride == 0)
     rows = torch.arange(emit_req.shape[0], device=emit_req.device)
     emit_req.copy_(torch.where(emits, rows, -1))
-    emit_index.copy_(torch.where(emits, since // config.compress_stride, -1))
+    emit_index.copy_(torch.where(emits, since // stride, -1))
 
 
 class DecodeReadStats:
@@ -228,10 +259,13 @@ class DecodeReadStats:
     summed over the decode requests of each step: logged at debug level, and appended to
     $VLLM_NSA_STATS_FILE when set, in `vllm_nsa.read_stats`' format (the hook tests, evals
     and benchmarks read). Under tensor parallelism each rank reads for its own KV heads;
-    the line names the rank and how many KV heads it holds."""
+    the line names the rank and how many KV heads it holds. gated: the NSA model's
+    three-branch mode (the spec's Table-4 counts) rather than the merged one."""
 
-    def __init__(self, config: NSAConfig, tp_rank: int, num_kv_heads: int) -> None:
+    def __init__(self, config: NSAConfig, tp_rank: int, num_kv_heads: int,
+                 gated: bool = False) -> None:
         self.config = config
+        self.gated = gated
         self.path = read_stats.stats_path()
         self.tp_rank = tp_rank
         self.num_kv_heads = num_kv_heads
@@ -246,15 +280,16 @@ class DecodeReadStats:
         if decode_seq_lens.numel() == 0:
             return
         counts = {name: int(value.sum())
-                  for name, value in decode_read_counts_batch(decode_seq_lens,
-                                                              self.config).items()}
+                  for name, value in decode_read_counts_batch(decode_seq_lens, self.config,
+                                                              self.gated).items()}
         counts["decode_requests"] = int(decode_seq_lens.numel())
         counts["tp_rank"] = self.tp_rank
         counts["kv_heads"] = self.num_kv_heads
         self.steps += 1
         logger.debug("NSA decode step %d reads per KV head: %s", self.steps, counts)
         if self.path:
-            read_stats.append(self.path, counts | {"config": dataclasses.asdict(self.config)})
+            read_stats.append(self.path, counts | {
+                "config": dataclasses.asdict(self.config), "gated": self.gated})
 
 
 class NSAMetadataBuilder(AttentionMetadataBuilder[NSAAttentionMetadata]):
@@ -281,7 +316,8 @@ class NSAMetadataBuilder(AttentionMetadataBuilder[NSAAttentionMetadata]):
         self.max_model_len = vllm_config.model_config.max_model_len
         self._init_reorder_batch_threshold(1)
         self.stats = DecodeReadStats(self.config, get_tensor_model_parallel_rank(),
-                                     kv_cache_spec.num_kv_heads)
+                                     kv_cache_spec.num_kv_heads,
+                                     gated=is_nsa_checkpoint(vllm_config))
         # One emission row per request of a decode batch (graph-padded batches included).
         max_reqs = vllm_config.scheduler_config.max_num_seqs
         self.decode_emit_req = torch.full((max_reqs,), -1, dtype=torch.int32, device=device)
@@ -389,11 +425,12 @@ class NSAAttentionBackend(AttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """Pad each page with its compressed entries so vLLM allocates, profiles, prefix-
-        caches and frees both caches together, under one block table."""
+        """Pad each page with its selection-scorer entries (compressed K/V, or block bounds)
+        so vLLM allocates, profiles, prefix-caches and frees them with the raw K/V, under
+        one block table."""
         if spec.page_size_padded is not None:
             return spec
-        extra = compressed_page_bytes(spec, cls.resolve_config())
+        extra = scorer_page_bytes(spec, cls.resolve_config())
         return dataclasses.replace(spec, page_size_padded=spec.page_size_bytes + extra)
 
     @classmethod
@@ -460,7 +497,7 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
             kv_cache_dtype=kv_cache_dtype, attn_type=attn_type,
             sliding_window=sliding_window, has_sink=sinks is not None,
             alibi=alibi_slopes is not None, logits_soft_cap=logits_soft_cap,
-            kv_sharing_target=kv_sharing_target_layer_name)
+            kv_sharing_target=kv_sharing_target_layer_name, gated=gated)
         reasons = unsupported_reasons(nsa_config, **facts)
         if reasons:
             raise ValueError("NSA attention cannot run this layer: " + "; ".join(reasons))
@@ -502,9 +539,9 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
         if key in _WARMED_UP:
             return
         kv_cache = page_buffer(2, page_size, self.num_kv_heads, self.head_size, act_dtype,
-                               self.config.compress_stride, device)
+                               self.config, device)
         batches = paged_ops(device).warm_up(
-            *split_kv_cache(kv_cache, self.head_size, self.config.compress_stride),
+            *split_kv_cache(kv_cache, self.head_size, self.config),
             self.num_heads, -(-max_model_len // page_size), self.config, self.gated)
         _WARMED_UP.add(key)
         if batches:
@@ -513,8 +550,7 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
-        key_cache, value_cache, _, _ = split_kv_cache(kv_cache, self.head_size,
-                                                      self.config.compress_stride)
+        key_cache, value_cache, _, _ = split_kv_cache(kv_cache, self.head_size, self.config)
         paged_ops(key.device).write_kv(key, value, key_cache, value_cache, slot_mapping)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
@@ -528,9 +564,10 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
             return output
         md = attn_metadata
         ops = paged_ops(query.device)
-        caches = split_kv_cache(kv_cache, self.head_size, self.config.compress_stride)
+        caches = split_kv_cache(kv_cache, self.head_size, self.config)
         # The raw K/V of this step are in the cache (do_kv_cache_update ran first); emit
-        # the compressed entries they complete before any stage reads them.
+        # the scorer entries (compressed, or block bounds) they complete before any stage
+        # reads them.
         ops.compress(*caches, md.block_table, md.emit_req, md.emit_index, self.config)
         num_tokens = md.num_actual_tokens
         if self.gated:

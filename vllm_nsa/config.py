@@ -8,6 +8,17 @@ import dataclasses
 from typing import Any, Mapping
 
 COMPRESS_OPS = ("mean",)
+# How selection ranks blocks (NSAConfig.selection_score):
+# - "compressed": the paper's importance, p_cmp of the compressed attention spread over the
+#   blocks by overlap (spec Eq. 9-10); the scorer of NSA checkpoints, whose compression was
+#   trained with it, and the only one of the gated mode.
+# - "bounds": training-free, for dense models (merged mode): per selection block the
+#   elementwise min and max of its keys (Quest, arXiv 2406.10774); a query head's score of
+#   the block is sum_i max(q_i min_i, q_i max_i), an upper bound of its largest q.k.
+SELECTION_SCORES = ("compressed", "bounds")
+# What a dense model served with NSA gets when its user does not choose (README,
+# "Selection scorer", has the measurements behind it).
+DENSE_SELECTION_SCORE = "bounds"
 # The gated mode's branch outputs, in this order everywhere ([..., 3, Dv] buffers, gates).
 BRANCHES = ("cmp", "slc", "win")
 
@@ -29,6 +40,9 @@ class NSAConfig:
     local_blocks:         trailing blocks always selected (current + previous ...).
     window (w):           sliding-window length in tokens, the query included; 0 = no window.
     compress_op (phi):    how a window of raw K/V becomes one compressed entry.
+    selection_score:      how blocks are ranked for selection (SELECTION_SCORES):
+                          "compressed" (the paper's; NSA checkpoints, gated mode) or
+                          "bounds" (per-block key min/max, training-free; merged mode).
     """
 
     compress_block: int = 32
@@ -39,6 +53,7 @@ class NSAConfig:
     local_blocks: int = 2
     window: int = 512
     compress_op: str = "mean"
+    selection_score: str = "compressed"
 
     def __post_init__(self) -> None:
         for name in ("compress_block", "compress_stride", "select_block", "select_topk",
@@ -70,6 +85,10 @@ class NSAConfig:
             raise NSAConfigError(
                 f"NSA compress_op={self.compress_op!r} is not supported; "
                 f"supported: {', '.join(COMPRESS_OPS)}")
+        if self.selection_score not in SELECTION_SCORES:
+            raise NSAConfigError(
+                f"NSA selection_score={self.selection_score!r} is not supported; "
+                f"supported: {', '.join(SELECTION_SCORES)}")
 
     # -- geometry: the one owner of these facts (the Triton kernels mirror them in jit
     # helpers: kernels/triton/common.py) ----------------------------------------------
@@ -94,6 +113,32 @@ class NSAConfig:
         return -(-num_tokens // self.select_block)
 
     @property
+    def uses_compressed(self) -> bool:
+        """Whether the compressed cache exists at all: the "compressed" scorer reads it (and
+        the gated mode's cmp branch, which only runs with that scorer). Under "bounds" the
+        pages hold block bounds instead and no compressed entry is ever written."""
+        return self.selection_score == "compressed"
+
+    @property
+    def uses_bounds(self) -> bool:
+        return self.selection_score == "bounds"
+
+    def num_bounded(self, num_tokens):
+        """Selection blocks complete among positions 0..num_tokens-1: those with bounds
+        (block j's are written with its last token j*l' + l' - 1). Ints or tensors."""
+        return num_tokens // self.select_block
+
+    def bounds_entry_end(self, block):
+        """Last raw position of selection block j: its bounds live in that token's page."""
+        return block * self.select_block + self.select_block - 1
+
+    def bounds_per_page(self, page_size: int) -> int:
+        """Bounds slots per page: page_size / l' blocks end in a page of page_size >= l'
+        tokens; with page_size < l' a block ends in every (l'/page_size)-th page, and every
+        page gets one slot (vLLM's default page of 16 tokens with l' = 64)."""
+        return max(1, page_size // self.select_block)
+
+    @property
     def dense_tokens(self) -> int:
         """A query that sees at most this many tokens (n*l') has at most n candidate blocks,
         so it selects every block whatever their scores: selection reads no compressed key
@@ -105,7 +150,7 @@ class NSAConfig:
     # -- constructors ---------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "NSAConfig":
-        """Explicit fields, e.g. vLLM's ``--additional-config '{"nsa": {...}}'``."""
+        """Explicit fields; unnamed ones keep the dataclass defaults (the paper's)."""
         values = dict(values or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -113,6 +158,16 @@ class NSAConfig:
             raise NSAConfigError(
                 f"unknown NSA parameter(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
+
+    @classmethod
+    def for_dense_model(cls, values: Mapping[str, Any] | None) -> "NSAConfig":
+        """The parameters a dense model served with NSA runs with, from the user's
+        ``--additional-config '{"nsa": {...}}'``: the paper's, except the selection scorer,
+        DENSE_SELECTION_SCORE unless named (the paper's compressed scorer ranks blocks
+        poorly in a model never trained with it; README, "Selection scorer")."""
+        values = dict(values or {})
+        values.setdefault("selection_score", DENSE_SELECTION_SCORE)
+        return cls.from_dict(values)
 
     @classmethod
     def from_fla(cls, block_size: int, block_counts: int, window_size: int) -> "NSAConfig":
@@ -142,4 +197,5 @@ class NSAConfig:
         return (f"compress_block={self.compress_block} compress_stride={self.compress_stride} "
                 f"select_block={self.select_block} select_topk={self.select_topk} "
                 f"init_blocks={self.init_blocks} local_blocks={self.local_blocks} "
-                f"window={self.window} compress_op={self.compress_op}")
+                f"window={self.window} compress_op={self.compress_op} "
+                f"selection_score={self.selection_score}")

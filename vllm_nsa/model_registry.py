@@ -33,7 +33,8 @@ def check_nsa_model(hf_config, vllm_config=None):
     params = validate_config(hf_config)
     check_supported(params, "NSA model", head_size=hf_config.head_dim,
                     head_size_label="head_dim", num_heads=hf_config.num_heads,
-                    num_kv_heads=hf_config.num_kv_heads, **engine_facts(vllm_config))
+                    num_kv_heads=hf_config.num_kv_heads, gated=True,
+                    **engine_facts(vllm_config))
     return params
 
 

@@ -56,6 +56,7 @@ def unsupported_reasons(
     kv_sharing_target: str | None = None,
     speculative: str | None = None,
     encoder_decoder: bool = False,
+    gated: bool | None = None,
     unsupported_features: Iterable[str] = (),
 ) -> list[str]:
     """Reasons NSA (with parameters `config`) cannot run this configuration; [] if it can.
@@ -65,7 +66,8 @@ def unsupported_reasons(
     dtype or name); kv_cache_dtype: vLLM's cache dtype string; block_size: tokens per KV
     page; attn_type: vLLM's attention type string; sliding_window: the model's own window
     (True when only its presence is known); kv_sharing_target: the layer whose KV cache
-    this layer would read; speculative: the speculative decoding method, if any;
+    this layer would read; speculative: the speculative decoding method, if any; gated:
+    the NSA model's three-branch mode (True) or a dense model's merged mode (False);
     unsupported_features: names of other requested features NSA does not implement.
     """
     reasons = []
@@ -93,6 +95,16 @@ def unsupported_reasons(
         reasons.append(f"block_size={block_size} is not supported by NSA with "
                        f"compress_stride={config.compress_stride} (supported: multiples of "
                        f"compress_stride; a page holds whole compressed entries)")
+    if (block_size is not None and config.uses_bounds
+            and block_size % config.select_block and config.select_block % block_size):
+        reasons.append(f"block_size={block_size} is not supported by NSA with "
+                       f"selection_score='bounds' and select_block={config.select_block} "
+                       f"(supported: a divisor or a multiple of select_block; a page holds "
+                       f"the bounds of the blocks that end in it)")
+    if gated and not config.uses_compressed:
+        reasons.append(f"selection_score={config.selection_score!r} is not supported by an "
+                       f"NSA model (gated mode) (supported: 'compressed', the importance its "
+                       f"compression was trained with; 'bounds' is for dense models)")
     if attn_type is not None and attn_type != DECODER:
         reasons.append(f"attention type {attn_type!r} is not supported by NSA "
                        f"(supported: decoder self-attention)")
