@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None,
                         help="first N samples per cell (they cycle over the depths)")
     parser.add_argument("--nsa-config", default="{}",
-                        help='NSA parameters as JSON, e.g. \'{"window": 256}\' (default: paper)')
+                        help='NSA parameters as JSON, e.g. \'{"window": 256}\' (default: a '
+                             'dense model\'s, NSAConfig.for_dense_model)')
     parser.add_argument("--no-chat-template", action="store_true",
                         help="plain prompts (for base models without a chat template)")
     parser.add_argument("--max-model-len", type=int, default=None,
@@ -130,7 +131,7 @@ def read_fraction_rows(cells: list[dict], lengths: list[str], nsa_config: dict
         if stats and stats["dense"]:
             source, reads, dense = "backend counters", stats["total"], stats["dense"]
         else:
-            counts = decode_read_counts(mean_tokens, NSAConfig.from_dict(nsa_config))
+            counts = decode_read_counts(mean_tokens, NSAConfig.for_dense_model(nsa_config))
             source, reads, dense = "spec formula", counts["total"], counts["dense"]
             if not nsa_cells:
                 source += " (NSA not run at this length)"
@@ -140,6 +141,8 @@ def read_fraction_rows(cells: list[dict], lengths: list[str], nsa_config: dict
 
 
 def write_report(args: argparse.Namespace, parts: list[dict], run_seconds: float) -> None:
+    from vllm_nsa import NSAConfig
+
     out = Path(args.out)
     cells = [cell for part in parts for cell in part["cells"] if cell["length"] in args.lengths]
     nsa_config = json.loads(args.nsa_config)
@@ -159,7 +162,8 @@ def write_report(args: argparse.Namespace, parts: list[dict], run_seconds: float
              f"{cells[0]['n']} samples per cell (needle depths "
              f"{', '.join(f'{d:.0%}' for d in _depths(cells))}), greedy, exact "
              f"match on the first number. NSA parameters: "
-             f"{nsa_config or 'paper defaults'}. Whole run: {run_seconds / 60:.1f} min.", "",
+             f"{NSAConfig.for_dense_model(nsa_config).describe()}. Whole run: "
+             f"{run_seconds / 60:.1f} min.", "",
              "| task | context | " + " | ".join(LABELS[b] for b in args.backends)
              + (" | NSA − dense (points) |" if len(args.backends) == 2 else " |"),
              "|---|---|" + "---|" * len(args.backends)

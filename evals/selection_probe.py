@@ -69,6 +69,21 @@ def generate_with_nsa(model, ids, config, max_new_tokens: int = 12) -> list[int]
     return out[0, ids.shape[1]:].tolist()
 
 
+def attention_recall(q_last, k, block_indices, config) -> torch.Tensor:
+    """Per query head, the share of its dense attention probability at the last position
+    that falls on NSA's keys there (selected blocks ∪ window): [HQ]."""
+    num_tokens, num_kv_heads, dim = k.shape
+    group = q_last.shape[0] // num_kv_heads
+    probs = torch.softmax(torch.einsum("hd,thd->ht", q_last,
+                                       k.repeat_interleave(group, dim=1)) * dim ** -0.5, -1)
+    positions = torch.arange(num_tokens)
+    kept = positions.view(1, -1) > num_tokens - 1 - config.window          # [1, T]
+    blocks = positions // config.select_block
+    chosen = (blocks.view(1, 1, -1) == block_indices.unsqueeze(-1)).any(dim=1)  # [H, T]
+    kept = kept | chosen.repeat_interleave(group, dim=0)
+    return (probs * kept).sum(dim=-1)
+
+
 def main() -> None:
     from transformers import AutoTokenizer
 
@@ -113,18 +128,22 @@ def main() -> None:
         num_tokens = ids.shape[1]
         for name, config in configs.items():
             needle_blocks = sorted({t // config.select_block for t in answer_tokens})
-            hits = []
+            hits, recalls = [], []
             for q_last, k, v in captured:
                 _, block_indices = nsa_forward(q_last[None], k, v, config, gated=False)
                 hits.append([all(b in set(row.tolist()) for b in needle_blocks)
                              for row in block_indices[0]])
+                recalls.append(attention_recall(q_last, k, block_indices[0], config))
             total, pairs = sum(map(sum, hits)), len(hits) * len(hits[0])
+            recall = torch.stack(recalls)                           # [layers, HQ]
             row = dict(task=args.task, length=args.length, depth=depth, scorer=name,
                        prompt_tokens=num_tokens, needle_blocks=needle_blocks,
-                       selected=total, pairs=pairs)
+                       selected=total, pairs=pairs, recall_mean=float(recall.mean()),
+                       recall_min=float(recall.min()))
             line = (f"{args.task} {args.length} depth {depth:.0%} ({num_tokens} tokens, "
                     f"needle blocks {needle_blocks}) {name}: needle block selected in "
-                    f"{total} of {pairs} (layer, KV head) pairs")
+                    f"{total} of {pairs} (layer, KV head) pairs; dense attention mass "
+                    f"kept: mean {recall.mean():.3f}, min {recall.min():.3f}")
             if args.generate:
                 answer = tokenizer.decode(generate_with_nsa(model, ids, config))
                 model.set_attn_implementation("sdpa")

@@ -20,8 +20,6 @@ _CHUNK_ELEMENTS = 1 << 24
 # Consecutive queries per selection chunk: they share most selected blocks.
 _SELECT_CHUNK_QUERIES = 64
 _NEG_INF = float("-inf")
-# How the "bounds" scorer folds a KV group's G query heads into one score per block.
-BOUNDS_GROUP_REDUCE = "sum"
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -198,16 +196,28 @@ def bound_scores(q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor,
     return upper * scale
 
 
+def group_bound_scores(q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    """A KV head's "bounds" score of each bounded block: the sum of bound_scores over its G
+    query heads, [Q, H, NBc]. The sum folds into the query: (sum_g q_g+) . max +
+    (sum_g q_g-) . min, one pair of vectors per (token, KV head) whatever G."""
+    work = _work_dtype(q)
+    qg = _group_view(q.to(work), k_min.shape[1])                     # [Q, H, G, D]
+    q_pos, q_neg = qg.clamp(min=0).sum(dim=2), qg.clamp(max=0).sum(dim=2)
+    return (torch.einsum("qhd,bhd->qhb", q_pos, k_max.to(work))
+            + torch.einsum("qhd,bhd->qhb", q_neg, k_min.to(work))) * scale
+
+
 def select_by_bounds(q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor,
                      q_positions: torch.Tensor, num_tokens: int, config: NSAConfig,
                      scale: float) -> torch.Tensor:
     """Block selection with the "bounds" scorer: block_indices [Q, H, n]. A KV head's score
-    of a block is the max over its G query heads of their bounds (BOUNDS_GROUP_REDUCE); only
-    complete blocks have bounds, and every block that is not complete at position t is
-    its current block, which is forced."""
+    of a block is the sum over its G query heads of their bounds (`group_bound_scores`;
+    the README's "Selection scorer" has the measurements that chose the sum over the max);
+    only complete blocks have bounds, and every block that is not complete at position t
+    is its current block, which is forced."""
     num_blocks = config.num_select_blocks(num_tokens)
-    bounds = bound_scores(q, k_min, k_max, config, scale)
-    group = bounds.amax(dim=2) if BOUNDS_GROUP_REDUCE == "max" else bounds.sum(dim=2)
+    group = group_bound_scores(q, k_min, k_max, scale)
     group = torch.nn.functional.pad(group, (0, num_blocks - group.shape[-1]),
                                     value=_NEG_INF)
     return rank_blocks(group, q_positions, config)

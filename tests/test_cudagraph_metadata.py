@@ -20,12 +20,15 @@ from vllm_nsa.backend import (  # noqa: E402
     NSAMetadataBuilder,
     compressed_to_emit,
     decode_emission,
+    emission_geometry,
 )
 from vllm_nsa.config import NSAConfig  # noqa: E402
 from vllm_nsa.read_stats import STATS_FILE_ENV  # noqa: E402
 
 CONFIGS = [NSAConfig(), NSAConfig(compress_block=16, compress_stride=16, select_block=32),
-           NSAConfig(compress_block=64, compress_stride=16, select_block=64)]
+           NSAConfig(compress_block=64, compress_stride=16, select_block=64),
+           NSAConfig(selection_score="bounds"),
+           NSAConfig(select_block=128, selection_score="bounds")]
 MAX_SEQS = 24
 MAX_MODEL_LEN = 4096
 
@@ -36,20 +39,22 @@ def emitted(emit_req, emit_index):
 
 
 def decode_batch(rng, num_real, num_padded, config):
-    """Seq lens around compression boundaries; padded requests have query length 0 and,
-    to prove they are ignored, a stale length that would emit if it were a decode."""
+    """Seq lens around the scorer entries' boundaries (compressed windows, or selection
+    blocks under "bounds"); padded requests have query length 0 and, to prove they are
+    ignored, a stale length that would emit if it were a decode."""
+    span, stride = emission_geometry(config)
     seq_lens = []
     for _ in range(num_real):
-        base = config.compress_block + config.compress_stride * rng.randrange(0, 300)
-        seq_lens.append(max(1, base + rng.choice([0, 0, 1, -1, 5, -config.compress_block])))
-    seq_lens += [config.compress_block + config.compress_stride] * num_padded
+        base = span + stride * rng.randrange(0, 300)
+        seq_lens.append(max(1, base + rng.choice([0, 0, 1, -1, 5, -span])))
+    seq_lens += [span + stride] * num_padded
     query_start_loc = list(range(num_real + 1)) + [num_real] * num_padded
     return torch.tensor(query_start_loc, dtype=torch.int32), torch.tensor(seq_lens,
                                                                            dtype=torch.int32)
 
 
-@pytest.mark.parametrize("config", CONFIGS,
-                         ids=lambda c: f"l{c.compress_block}d{c.compress_stride}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"l{c.compress_block}"
+                         f"d{c.compress_stride}s{c.select_block}-{c.selection_score}")
 def test_decode_emission_matches_host_emission(config):
     rng = random.Random(config.compress_block)
     for _ in range(50):
@@ -100,8 +105,10 @@ def test_builder_declares_decode_graphs():
 
 def test_decode_builds_write_static_buffers(builder):
     """Every decode build (padded to a graph size or not) hands out views of the same
-    static buffers, as a replayed graph reads them, filled for this step."""
+    static buffers, as a replayed graph reads them, filled for this step (a dense model
+    with no NSA parameters: the "bounds" scorer's block emission)."""
     config = builder.config
+    assert config == NSAConfig.for_dense_model({}) and config.uses_bounds
     rng = random.Random(3)
     for step in range(6):
         num_real = rng.randrange(1, 12)

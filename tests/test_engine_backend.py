@@ -1,5 +1,6 @@
 """Engine-level: a tiny random dense Llama (float32) served by vLLM with
-attention_backend="NSA" (training-free merged mode) against CPU_ATTN and a torch forward."""
+attention_backend="NSA" (training-free merged mode; the "bounds" scorer by default, the
+paper's compressed one when asked) against CPU_ATTN and a torch forward."""
 import json
 import random
 
@@ -33,20 +34,30 @@ def tiny_llama(tmp_path_factory):
     return str(path)
 
 
-def test_short_prompts_equal_dense(tiny_llama):
-    """Prompts shorter than the window, top-n covering all blocks: merged NSA is dense."""
+def test_short_prompts_equal_dense(tiny_llama, tmp_path, monkeypatch):
+    """Contexts of at most n*l' tokens (1024 with the paper's parameters and a dense model's
+    defaults; some longer than the 512-token window): every block is selected, so merged
+    NSA is exact dense attention, token for token, and its decode read counters equal
+    dense (no scorer read)."""
     from vllm import SamplingParams
 
+    stats_file = tmp_path / "nsa_stats.jsonl"
+    monkeypatch.setenv(read_stats.STATS_FILE_ENV, str(stats_file))
     rng = random.Random(0)
-    prompts = [random_text(rng, n) for n in (20, 150, 333, 480)]
+    prompts = [random_text(rng, n) for n in (20, 150, 333, 480, 900)]
     sampling = SamplingParams(max_tokens=12, temperature=0, prompt_logprobs=1)
     dense = run_engine(tiny_llama, prompts, sampling, attention_backend="CPU_ATTN",
                        **TEST_ENGINE)[0]
-    nsa = run_engine(tiny_llama, prompts, sampling, **nsa_args(), **TEST_ENGINE)[0]  # paper
+    nsa = run_engine(tiny_llama, prompts, sampling, **nsa_args(), **TEST_ENGINE)[0]
+    longest = max(len(o.prompt_token_ids) + 12 for o in nsa)
+    assert 512 < longest <= NSAConfig().dense_tokens
     assert tokens_of(nsa) == tokens_of(dense)
     for a, b in zip(nsa, dense):
         torch.testing.assert_close(prompt_logprobs_of(a), prompt_logprobs_of(b),
                                    atol=1e-4, rtol=0)
+    steps, _ = read_stats.read_lines(stats_file)
+    assert steps and all(step["total"] == step["dense"] for step in steps)
+    assert NSAConfig(**steps[0]["config"]) == NSAConfig.for_dense_model({})
 
 
 def reference_llama_logprobs(model_dir, prompt_ids, config):
@@ -99,7 +110,7 @@ def test_long_prompts_scheduling_invariance_and_reference(tiny_llama, tmp_path, 
     assert tokens_of(first)[0] != tokens_of(dense)[0] or not torch.allclose(
         prompt_logprobs_of(first[0]), prompt_logprobs_of(dense[0]), atol=1e-3)
     expected = reference_llama_logprobs(tiny_llama, whole[0].prompt_token_ids,
-                                        NSAConfig(**SPARSE))
+                                        NSAConfig.for_dense_model(SPARSE))
     for run in (first, whole):
         torch.testing.assert_close(prompt_logprobs_of(run[0]).double(), expected,
                                    atol=1e-4, rtol=0)
@@ -134,7 +145,7 @@ def test_two_engines_in_one_process_use_their_own_parameters(tiny_llama, tmp_pat
     from engine_utils import run_in_fresh_process
 
     configs = [SPARSE, {"compress_block": 32, "compress_stride": 32, "select_block": 32,
-                        "select_topk": 6, "window": 64}]
+                        "select_topk": 6, "window": 64, "selection_score": "compressed"}]
     prompt = random_text(random.Random(5), 700)   # 700 tokens >> window + n * l' (288, 256)
     proc = run_in_fresh_process(TWO_ENGINES, tiny_llama, prompt, json.dumps(configs),
                                 str(tmp_path / "stats.jsonl"))
@@ -142,7 +153,7 @@ def test_two_engines_in_one_process_use_their_own_parameters(tiny_llama, tmp_pat
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     runs = json.loads(lines[-1].removeprefix("RUNS "))
     for config, run in zip(configs, runs):
-        expected = NSAConfig(**config)
+        expected = NSAConfig.for_dense_model(config)
         assert run["stats"] and all(NSAConfig(**line["config"]) == expected
                                     for line in run["stats"])
         reference = reference_llama_logprobs(tiny_llama, run["prompt_token_ids"], expected)

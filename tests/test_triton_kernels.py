@@ -6,12 +6,14 @@ Run as `TRITON_INTERPRET=1 pytest tests/test_triton_kernels.py` (what `make test
 interpreter must be on before anything imports Triton, and vLLM (imported by other test
 modules) must not run with it, so this module gets a pytest process of its own.
 """
+import dataclasses
+
 import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 from oracle import assert_same_blocks_except_near_ties, oracle_nsa
-from test_paged import scatter_to_pages
+from test_paged import scatter_to_pages, write_all_bounds
 from vllm_nsa.config import NSAConfig
 from vllm_nsa.kernels import paged
 from vllm_nsa.kernels import triton as triton_nsa
@@ -286,15 +288,192 @@ def test_stages_match_twin(config, group, gated, splits, decode):
     torch.testing.assert_close(outputs["triton"], outputs["twin"], atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_warm_up_runs_every_variant(gated):
+@pytest.mark.parametrize("gated, score", [(False, "compressed"), (True, "compressed"),
+                                          (False, "bounds")])
+def test_warm_up_runs_every_variant(gated, score):
     """The engine-start warm-up launches decode and prefill batches, split and unsplit, on
     a dummy cache whose pages hold nothing yet (NaN): it must run clean through every
-    stage."""
-    cfg = CONFIGS["paper"]
+    stage (under "bounds": the bounds write and both bounds select kernels)."""
+    cfg = dataclasses.replace(CONFIGS["paper"], selection_score=score)
     key_cache = torch.full((2, 32, H, D), float("nan"))
     value_cache = key_cache.clone()
-    cmp_key = torch.full((2, 2, H, D), float("nan"))
+    cmp_key = torch.full((2, 1 if score == "bounds" else 2, H, D), float("nan"))
     cmp_value = cmp_key.clone()
     assert triton_nsa.warm_up(key_cache, value_cache, cmp_key, cmp_value, 3 * H, 8, cfg,
                               gated) == 4
+
+
+# ---------------------------------------------------------------- the "bounds" scorer
+# Past n*l' = 256 tokens (paper config) selection is sparse; a 12-token prefill chunk and a
+# 3-token one, decodes around n*l', an idle request, a whole 256-token prompt's tail.
+BOUNDS_SEQ_LENS = [1, 64, 300, 257, 450, 130, 400, 256]
+BOUNDS_QUERY_LENS = [1, 1, 3, 1, 12, 0, 1, 3]
+
+
+def bounds_config(name):
+    return dataclasses.replace(CONFIGS[name], selection_score="bounds")
+
+
+def build_bounds_caches(cfg, num_heads, page_size, dtype, seed, seq_lens, query_lens):
+    """Random sequences on shuffled pages; bounds written by each implementation."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [(torch.randn(s, H, D, generator=gen).to(dtype).float(),
+             torch.randn(s, H, D, generator=gen).to(dtype).float()) for s in seq_lens]
+    num_pages = sum(-(-s // page_size) for s in seq_lens) + 3
+    key_cache, value_cache, table = scatter_to_pages(seqs, page_size, num_pages, gen)
+    key_cache, value_cache = key_cache.to(dtype), value_cache.to(dtype)
+    caches = {name: write_all_bounds(key_cache, table, seq_lens, cfg, impl.compress)
+              for name, impl in (("twin", paged), ("triton", triton_nsa))}
+    q = torch.randn(sum(query_lens), num_heads, D, generator=gen).to(dtype)
+    qsl = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
+    return seqs, key_cache, value_cache, caches, table, q, qsl
+
+
+def run_bounds(cfg, group, page_size, dtype=torch.float32, seed=0,
+               seq_lens=BOUNDS_SEQ_LENS, query_lens=BOUNDS_QUERY_LENS, q=None, **hints):
+    seqs, key_cache, value_cache, caches, table, q_random, qsl = build_bounds_caches(
+        cfg, H * group, page_size, dtype, seed, seq_lens, query_lens)
+    q = q_random if q is None else q
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    results = {}
+    for name, impl in (("twin", paged), ("triton", triton_nsa)):
+        output = torch.full((q.shape[0], H * group, D), float("nan"), dtype=dtype)
+        plan = impl.make_plan(q, key_cache, value_cache, table, qsl, cfg, False, **hints)
+        indices = impl.nsa_paged_attention(q, key_cache, value_cache, *caches[name], table,
+                                           qsl, lens, cfg, D ** -0.5, output, False, plan)
+        results[name] = (output, indices)
+    return seqs, q, qsl, caches, results
+
+
+@pytest.mark.parametrize("config, page_size", [("paper", 16), ("paper", 64), ("paper", 128),
+                                               ("fla", 32), ("fine", 16)])
+def test_bounds_write_matches_twin(config, page_size):
+    """The bounds kernel writes what the twin writes (exactly: a min or max of stored
+    values), nothing else (NaN elsewhere), one slot per page when pages are shorter than
+    a block."""
+    cfg = bounds_config(config)
+    _, _, _, caches, _, _, _ = build_bounds_caches(cfg, H, page_size, torch.float32, 1,
+                                                   BOUNDS_SEQ_LENS, BOUNDS_QUERY_LENS)
+    for twin, kernel in zip(caches["twin"], caches["triton"]):
+        assert kernel.shape[1] == max(1, page_size // cfg.select_block)
+        torch.testing.assert_close(kernel, twin, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("config, group, page_size, hints, small", [
+    ("paper", 1, 16, dict(num_splits=1), False),
+    ("paper", 3, 64, dict(num_splits=1), False),
+    ("paper", 16, 32, dict(num_splits=1), False),
+    ("fla", 3, 16, dict(num_splits=1), False),
+    ("fine", 4, 32, dict(num_splits=1), False),
+    # split scans and their top-n merge (its sort is slow in the interpreter: few tokens)
+    ("paper", 4, 128, dict(num_splits=3, scan_bound=384), True),
+    ("fla", 3, 16, dict(num_splits=2), True),
+])
+def test_bounds_attention_matches_twin(config, group, page_size, hints, small):
+    lens = dict(seq_lens=[450, 300, 100], query_lens=[2, 1, 1]) if small else {}
+    _, _, _, _, results = run_bounds(bounds_config(config), group, page_size, **lens,
+                                     **hints)
+    (twin_out, twin_idx), (out, idx) = results["twin"], results["triton"]
+    assert torch.equal(idx, twin_idx)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group, scan_bound", [(3, 320), (1, 64), (16, 1024)])
+def test_bounds_decode_batch_matches_twin(group, scan_bound):
+    """All-decode batch through the bounds decode kernel (a row per (token, KV head), the
+    shared top-n bisection over signed scores), with an idle request and contexts far
+    beyond the plan's scan bound."""
+    seq_lens = [77, 700, 50, 1, 1000, 300]
+    query_lens = [1, 1, 0, 1, 1, 1]
+    _, _, _, _, results = run_bounds(bounds_config("paper"), group, 32, seq_lens=seq_lens,
+                                     query_lens=query_lens, max_query_len=1,
+                                     scan_bound=scan_bound)
+    (twin_out, twin_idx), (out, idx) = results["twin"], results["triton"]
+    assert torch.equal(idx, twin_idx)
+    torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_bounds_select_a_planted_exact_match(decode):
+    """A block holding a key equal to the group's query is selected by the kernels at
+    every query position past it (among keys of half the query's scale)."""
+    cfg = bounds_config("paper")
+    gen = torch.Generator().manual_seed(4)
+    seq_lens = [900, 640, 1000]
+    query_lens = [1, 1, 1] if decode else [60, 1, 30]
+    group = 3
+    needle = torch.randn(D, generator=gen)
+    q = torch.randn(sum(query_lens), H * group, D, generator=gen)
+    q[:, group:] = needle                        # KV head 1's group asks for the needle
+    planted = {0: 3 * 64 + 10, 1: 5 * 64 + 63, 2: 7 * 64}
+    seqs, key_cache, value_cache, _, table, _, qsl = build_bounds_caches(
+        cfg, H * group, 16, torch.float32, 5, seq_lens, query_lens)
+    key_cache *= 0.5                              # an ordinary haystack
+    for r, position in planted.items():
+        page, slot = table[r, position // 16], position % 16
+        key_cache[page, slot, 1] = needle
+    caches = write_all_bounds(key_cache, table, seq_lens, cfg, triton_nsa.compress)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    out = torch.empty(q.shape[0], H * group, D)
+    plan = triton_nsa.make_plan(q, key_cache, value_cache, table, qsl, cfg, False,
+                                max_query_len=max(query_lens))
+    idx = triton_nsa.nsa_paged_attention(q, key_cache, value_cache, *caches, table, qsl,
+                                         lens, cfg, D ** -0.5, out, False, plan)
+    for r, position in planted.items():
+        rows = slice(int(qsl[r]), int(qsl[r + 1]))
+        assert (idx[rows, 1] == position // 64).any(dim=-1).all(), r
+
+
+def test_bounds_half_precision_against_oracle():
+    """fp16 bounds kernels vs the float64 oracle (selection up to near-ties, output on
+    the kernels' blocks)."""
+    cfg = bounds_config("paper")
+    seqs, q, qsl, _, results = run_bounds(cfg, 3, 16, dtype=torch.float16, seed=3)
+    out, idx = results["triton"]
+    for r, (k, v) in enumerate(seqs):
+        rows = slice(int(qsl[r]), int(qsl[r + 1]))
+        if rows.start == rows.stop:
+            continue
+        q_rows = q[rows].double()
+        _, oracle_idx, group_scores = oracle_nsa(q_rows, k, v, cfg)
+        assert_same_blocks_except_near_ties(idx[rows].long(), oracle_idx, group_scores,
+                                            tolerance=5e-2)
+        expected, _, _ = oracle_nsa(q_rows, k, v, cfg, block_indices=idx[rows].long())
+        torch.testing.assert_close(out[rows].double(), expected, atol=2e-2, rtol=1e-2)
+
+
+def test_top_n_of_signed_scores():
+    """The bounds decode kernel's top-n over signed scores (planted through a G = 1 query
+    of ones and bounds min = max = score / D, scale 1): negative, equal, huge scores,
+    rows longer than a chunk; ties to the lower block."""
+    cfg = NSAConfig(compress_block=16, compress_stride=16, select_block=16, select_topk=5,
+                    init_blocks=1, local_blocks=1, window=0, selection_score="bounds")
+    gen = torch.Generator().manual_seed(9)
+    seq_lens = [1600, 161, 33, 1024]
+    num_pages = sum(-(-s // 16) for s in seq_lens)
+    table = torch.arange(num_pages, dtype=torch.int32)
+    starts = [0] + torch.tensor([-(-s // 16) for s in seq_lens]).cumsum(0).tolist()
+    table = torch.stack([torch.nn.functional.pad(table[a:b], (0, 100 - (b - a)))
+                         for a, b in zip(starts, starts[1:])])
+    scores = torch.randint(-3, 3, (len(seq_lens), 100), generator=gen).float() / 2
+    scores[0, 10:20] = -1e30
+    scores[0, 30] = 1e30
+    scores[3, :] = -7.0
+    bounds = torch.zeros(num_pages, 1, 1, D)
+    for r in range(len(seq_lens)):
+        for j in range(seq_lens[r] // 16):
+            bounds[table[r, j], 0, 0] = scores[r, j] / D
+    key_cache = torch.zeros(num_pages, 16, 1, D)
+    q = torch.ones(len(seq_lens), 1, D)
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    plan = triton_nsa.make_plan(q, key_cache, key_cache, table, qsl, cfg, False,
+                                max_query_len=1)
+    idx = triton_nsa.select_bounds(q, bounds, bounds, table, qsl, lens, cfg, 1.0, 16, plan)
+    for r, seq_len in enumerate(seq_lens):
+        current = (seq_len - 1) // 16
+        row = [float("inf") if j == 0 or j == current else float(scores[r, j])
+               for j in range(current + 1)]
+        ranked = sorted(range(current + 1), key=lambda b: (-row[b], b))[:5]
+        assert idx[r, 0].tolist() == sorted(ranked) + [-1] * (5 - len(ranked)), r

@@ -2,10 +2,13 @@
 benchmarks (the one owner of the format).
 
 When $VLLM_NSA_STATS_FILE is set, the backend appends one JSON line per decode step and
-tensor-parallel rank (`append`): the spec's decode read counts, in raw-token equivalents
-per KV head per layer, summed over the step's decode requests (`compressed`, `selected`,
-`window`, `total`, `dense`), plus `decode_requests`, `tp_rank`, `kv_heads` (KV heads that
-rank holds) and `config` (the NSA parameters in force). Importable without vLLM.
+tensor-parallel rank (`append`): the decode read counts (`reference.decode_read_counts_batch`),
+in raw-token equivalents (one token's K and V) per KV head per layer, summed over the
+step's decode requests (`compressed`, `bounds` (the "bounds" scorer's block bounds),
+`selected`, `window`, `total`, `dense`), plus `decode_requests`, `tp_rank`, `kv_heads` (KV
+heads that rank holds), `config` (the NSA parameters in force) and `gated` (the NSA
+model's three-branch mode). Lines written before `bounds` existed read it as 0.
+Importable without vLLM.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import os
 from pathlib import Path
 
 STATS_FILE_ENV = "VLLM_NSA_STATS_FILE"
-COUNTS = ("compressed", "selected", "window", "total", "dense")
+COUNTS = ("compressed", "bounds", "selected", "window", "total", "dense")
 SUMMED = COUNTS + ("decode_requests",)
 
 
@@ -43,6 +46,11 @@ def summarize(lines: list[dict]) -> dict | None:
         return None
     return {key: sum(line.get(key, 0) for line in lines) for key in SUMMED} | {
         "steps": len(lines)}
+
+
+def config_in_force(lines: list[dict]) -> dict | None:
+    """The NSA parameters the backend wrote with its last line (None when none)."""
+    return lines[-1].get("config") if lines else None
 
 
 def read_summary(path: str | os.PathLike | None) -> dict | None:

@@ -3,6 +3,8 @@
   compress.py  write_kv, compress   raw K/V store; phi = mean -> compressed cache
   score.py     score                compressed attention -> LSE (+ o_cmp when gated)
   select.py    select               block importance, forced blocks, top-n
+               select_bounds        the "bounds" scorer's selection (no score stage)
+  bounds.py    write_bounds         per-block key min/max -> bounds cache ("bounds")
   attend.py    attend               selected blocks + sliding window
   combine.py   combine              merge of split online-softmax partials
   plan.py      make_plan            tiles, splits and scratch of one step
@@ -25,10 +27,10 @@ from vllm_nsa.kernels.triton.combine import combine
 from vllm_nsa.kernels.triton.compress import check_inner_contiguous, compress, write_kv
 from vllm_nsa.kernels.triton.plan import StepPlan, make_plan
 from vllm_nsa.kernels.triton.score import score
-from vllm_nsa.kernels.triton.select import select
+from vllm_nsa.kernels.triton.select import select, select_bounds
 
 __all__ = ["attend", "combine", "compress", "make_plan", "nsa_paged_attention", "score",
-           "select", "warm_up", "write_kv", "StepPlan"]
+           "select", "select_bounds", "warm_up", "write_kv", "StepPlan"]
 
 
 def nsa_paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from vllm_nsa.config import NSAConfig
+from vllm_nsa.kernels.triton.bounds import write_bounds
 from vllm_nsa.kernels.triton.plan import pow2
 
 
@@ -116,12 +117,18 @@ def compress(key_cache: torch.Tensor, value_cache: torch.Tensor,
              cmp_key_cache: torch.Tensor, cmp_value_cache: torch.Tensor,
              block_table: torch.Tensor, emit_req: torch.Tensor, emit_index: torch.Tensor,
              config: NSAConfig) -> None:
-    """Write compressed entries (phi = mean) from the raw paged cache; see paged.compress.
-    Rows with emit_req < 0 are padding and are skipped (fixed-size launches for graphs)."""
+    """Write compressed entries (phi = mean) from the raw paged cache, or under
+    selection_score "bounds" the block bounds (`bounds.write_bounds`; the cmp caches are
+    then the min / max caches); see paged.compress. Rows with emit_req < 0 are padding
+    and are skipped (fixed-size launches for graphs)."""
     num_entries = emit_req.shape[0]
     if num_entries == 0:
         return
     check_inner_contiguous(key_cache, value_cache, cmp_key_cache, cmp_value_cache)
+    if config.uses_bounds:
+        write_bounds(key_cache, cmp_key_cache, cmp_value_cache, block_table, emit_req,
+                     emit_index, config)
+        return
     _compress_kernel[(num_entries, key_cache.shape[2])](
         key_cache_ptr=key_cache, value_cache_ptr=value_cache, cmp_key_ptr=cmp_key_cache,
         cmp_value_ptr=cmp_value_cache, table_ptr=block_table, emit_req_ptr=emit_req,

@@ -41,10 +41,77 @@ def _keys_to_indices(keys, rank, TOPK: tl.constexpr):
     """Sorted-descending keys -> ascending block indices of the first TOPK, -1 padded last."""
     big = 0x7FFFFFFF
     taken = (keys >= 0) & (rank < TOPK)
-    # Truncating to int32 keeps the low half: 0x7FFFFFFF - block.
-    blocks = tl.where(taken, 0x7FFFFFFF - keys.to(tl.int32), big)
+    # The low 31 bits are 0x7FFFFFFF - block (both packings: `_pack_keys`, `_bounds_keys`).
+    blocks = tl.where(taken, 0x7FFFFFFF - (keys & 0x7FFFFFFF).to(tl.int32), big)
     blocks = tl.sort(blocks)
     return tl.where(blocks == big, -1, blocks)
+
+
+@triton.jit
+def _ordered(scores):
+    """float32 -> int32 with the same order for every non-NaN value (negative floats
+    order reversed by their bits: flip their magnitude bits); non-negative floats keep
+    their bit pattern."""
+    bits = scores.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _bounds_keys(ranked, blocks):
+    """Packed int64 sort keys of signed scores (the "bounds" scorer's logits): the order
+    of `ranked` as an unsigned 32-bit value in bits 31..62, 0x7FFFFFFF - block below (the
+    lower block first among equal scores); always >= 0 (-1 marks a non-candidate)."""
+    order = _ordered(ranked).to(tl.int64) + 2147483648
+    return (order << 31) | (0x7FFFFFFF - blocks).to(tl.int64)
+
+
+@triton.jit
+def _top_n_of_row(scores_row, indices_row, num_blocks, TOPK: tl.constexpr,
+                  CHUNK: tl.constexpr, SIGNED: tl.constexpr):
+    """The TOPK largest of the num_blocks float32 scores at scores_row (no NaN; +inf for
+    forced blocks), ties to the lower block, written ascending to indices_row (every store
+    inside the row; a row of fewer blocks takes them all). The TOPK-th largest is found by
+    bisecting its order-preserving int32 image (`_ordered`): 31 counting passes over
+    [0, +inf] for non-negative scores, 32 over every float when SIGNED, CHUNK blocks at a
+    time, so the work follows the row's length."""
+    offs = tl.arange(0, CHUNK)
+    # Largest threshold with at least TOPK blocks scoring >= it (the minimum if fewer).
+    if SIGNED:
+        low = tl.full([], -2147483648, tl.int64)
+    else:
+        low = tl.zeros([], tl.int64)
+    high = low * 0 + 0x7F800001                       # just above +inf
+    for _ in range(31 + SIGNED):
+        mid = low + (high - low) // 2
+        count = tl.zeros([], tl.int32)
+        for start in range(0, num_blocks, CHUNK):
+            blocks = start + offs
+            in_row = blocks < num_blocks
+            key = _ordered(tl.load(scores_row + blocks, mask=in_row, other=0.0))
+            count += tl.sum((in_row & (key.to(tl.int64) >= mid)).to(tl.int32), axis=0)
+        enough = count >= TOPK
+        low = tl.where(enough, mid, low)
+        high = tl.where(enough, high, mid)
+    num_above = tl.zeros([], tl.int32)
+    for start in range(0, num_blocks, CHUNK):
+        blocks = start + offs
+        in_row = blocks < num_blocks
+        key = _ordered(tl.load(scores_row + blocks, mask=in_row, other=0.0)).to(tl.int64)
+        num_above += tl.sum((in_row & (key > low)).to(tl.int32), axis=0)
+    tie_budget = TOPK - num_above
+    ties_before = tl.zeros([], tl.int32)
+    taken_before = tl.zeros([], tl.int32)
+    for start in range(0, num_blocks, CHUNK):
+        blocks = start + offs
+        in_row = blocks < num_blocks
+        key = _ordered(tl.load(scores_row + blocks, mask=in_row, other=0.0)).to(tl.int64)
+        ties = in_row & (key == low)
+        tie_rank = ties_before + tl.cumsum(ties.to(tl.int32), axis=0) - 1
+        take = (in_row & (key > low)) | (ties & (tie_rank < tie_budget))
+        slot = taken_before + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(indices_row + slot, blocks, mask=take & (slot < TOPK))
+        ties_before += tl.sum(ties.to(tl.int32), axis=0)
+        taken_before += tl.sum(take.to(tl.int32), axis=0)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -203,10 +270,9 @@ def _select_decode_kernel(
     """Grid (N, H), decode: one program owns one (token, KV head). Block importance of its
     blocks j <= t // l' is Σ_g 2^(m_c(g) - LSE_g) * sums_g[j] (+ the previous tile's spill
     into a tile's first block), summed over the group's G heads; forced blocks rank +inf,
-    NaN as 0. The n-th largest score is found by bisecting its bit pattern (non-negative
-    floats order like their bits): 31 counting passes over the row, CHUNK blocks at a time,
-    so the work follows the request's context. Ties go to the lower block; the n blocks are
-    written ascending, every store inside the row. Padding tokens are skipped.
+    NaN as 0; then `_top_n_of_row`: the n-th largest score by bisection, ties to the lower
+    block, the n blocks written ascending, every store inside the row. Padding tokens are
+    skipped.
     Mirrors paged.select."""
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -251,40 +317,7 @@ def _select_decode_kernel(
                                                          importance, 0.0))
         tl.store(scores_row + blocks, ranked, mask=in_row)
     tl.debug_barrier()   # the row is re-read below by other threads of this program
-    # Largest threshold t with at least TOPK blocks scoring >= t (0 if fewer).
-    low = tl.zeros([], tl.int32)
-    high = low + 0x7F800001                          # just above +inf
-    for _ in range(31):
-        mid = low + (high - low) // 2
-        count = tl.zeros([], tl.int32)
-        for start in range(0, num_blocks, CHUNK):
-            blocks = start + offs
-            bits = tl.load(scores_row + blocks, mask=blocks < num_blocks,
-                           other=-1.0).to(tl.int32, bitcast=True)
-            count += tl.sum((bits >= mid).to(tl.int32), axis=0)
-        enough = count >= TOPK
-        low = tl.where(enough, mid, low)
-        high = tl.where(enough, high, mid)
-    num_above = tl.zeros([], tl.int32)
-    for start in range(0, num_blocks, CHUNK):
-        blocks = start + offs
-        bits = tl.load(scores_row + blocks, mask=blocks < num_blocks,
-                       other=-1.0).to(tl.int32, bitcast=True)
-        num_above += tl.sum((bits > low).to(tl.int32), axis=0)
-    tie_budget = TOPK - num_above
-    ties_before = tl.zeros([], tl.int32)
-    taken_before = tl.zeros([], tl.int32)
-    for start in range(0, num_blocks, CHUNK):
-        blocks = start + offs
-        bits = tl.load(scores_row + blocks, mask=blocks < num_blocks,
-                       other=-1.0).to(tl.int32, bitcast=True)
-        ties = bits == low
-        tie_rank = ties_before + tl.cumsum(ties.to(tl.int32), axis=0) - 1
-        take = (bits > low) | (ties & (tie_rank < tie_budget))
-        slot = taken_before + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(indices_ptr + row * TOPK + slot, blocks, mask=take & (slot < TOPK))
-        ties_before += tl.sum(ties.to(tl.int32), axis=0)
-        taken_before += tl.sum(take.to(tl.int32), axis=0)
+    _top_n_of_row(scores_row, indices_ptr + row * TOPK, num_blocks, TOPK, CHUNK, False)
 
 
 def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tensor,
@@ -322,6 +355,226 @@ def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tens
         qk_scale=scale * LOG2E.value,
         G=plan.group, GP=plan.group_pad, BLOCK_T=plan.block_t, D=plan.head_dim,
         PAGE_SIZE=plan.page_size, DOT_PRECISION=plan.dot_precision, **common)
+    if plan.select_candidates is not None:
+        _merge_topk_kernel[grid](
+            candidates_ptr=plan.select_candidates, qsl_ptr=query_start_loc,
+            indices_ptr=block_indices, num_reqs=plan.num_reqs, num_kv_heads=plan.num_kv_heads,
+            num_splits=plan.scan_splits, SPLITS_PAD=MAX_SPLITS, BB=plan.select_tile_blocks,
+            TOPK=config.select_topk)
+    return block_indices
+
+
+# ---------------------------------------------------------------- the "bounds" scorer
+@triton.jit
+def _bounds_tile(min_ptr, max_ptr, table_ptr, req, table_row, blocks, load, kv_head,
+                 mn_page, mn_slot, mn_head, mx_page, mx_slot, mx_head,
+                 PAGE_SIZE: tl.constexpr, SELECT_BLOCK: tl.constexpr, D: tl.constexpr):
+    """([len(blocks), D] key min, key max) of selection blocks (0 where not `load`): block
+    j's bounds live in the page of its last token j*l' + l' - 1, slot (last % page) // l'."""
+    last = blocks.to(tl.int64) * SELECT_BLOCK + SELECT_BLOCK - 1
+    pages = tl.load(table_ptr + req * table_row + last // PAGE_SIZE, mask=load,
+                    other=0).to(tl.int64)
+    slots = (last % PAGE_SIZE) // SELECT_BLOCK
+    d = tl.arange(0, D)
+    k_min = tl.load(min_ptr + pages[:, None] * mn_page + slots[:, None] * mn_slot
+                    + kv_head * mn_head + d[None, :], mask=load[:, None], other=0.0)
+    k_max = tl.load(max_ptr + pages[:, None] * mx_page + slots[:, None] * mx_slot
+                    + kv_head * mx_head + d[None, :], mask=load[:, None], other=0.0)
+    return k_min, k_max
+
+
+@triton.jit
+def _folded_query(q_ptr, token64, row_valid, head, q_tok, q_head,
+                  BLOCK_T: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+    """A KV group's query folded for its summed bound: (sum_g max(q_g, 0), sum_g min(q_g,
+    0)) per token of the tile, [BLOCK_T, D] float32 each (rows token * GP + g)."""
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + token64[:, None] * q_tok + head[:, None] * q_head + d[None, :],
+                mask=row_valid[:, None], other=0.0).to(tl.float32)
+    q = tl.reshape(q, [BLOCK_T, GP, D])
+    return tl.sum(tl.maximum(q, 0.0), axis=1), tl.sum(tl.minimum(q, 0.0), axis=1)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _select_bounds_kernel(
+        q_ptr,              # [N, HQ, D]
+        min_ptr,            # [P, bounds_per_page, H, D] key min per block
+        max_ptr,            # [P, bounds_per_page, H, D] key max per block
+        table_ptr,          # [R, max_pages] int32
+        tile_req_ptr,       # [tiles] int32
+        tile_qoff_ptr,      # [tiles] int32
+        qsl_ptr,            # [R+1] int32 query_start_loc
+        seq_lens_ptr,       # [R] int32
+        indices_ptr,        # [N, H, TOPK] int32 out (unsplit)
+        candidates_ptr,     # [N, H, num_splits, BB] int64 out (split; None: unsplit)
+        # strides (elements)
+        q_tok, q_head, mn_page, mn_slot, mn_head, mx_page, mx_slot, mx_head, table_row,
+        num_kv_heads,
+        num_splits,         # programs sharing one query tile's scan
+        scale,              # softmax scale (the bounds are scaled logits)
+        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
+        PAGE_SIZE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
+        BB: tl.constexpr,   # selection blocks per scan tile
+        TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Grid (query tiles, H, num_splits), prefill and mixed batches, "bounds" scorer: one
+    program scores its split's share of the blocks for BLOCK_T tokens of one KV head by
+    the group's summed Quest bound s * ((sum_g q_g+) . max + (sum_g q_g-) . min), ranks
+    forced blocks +inf, and keeps each token's top-n (packed keys, bitonic merge, as
+    `_select_kernel`). Tiles whose tokens have at most n candidates read nothing (all
+    blocks are taken). Mirrors paged.select_bounds."""
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    req, q_off = tile_request(tile_req_ptr, tile_qoff_ptr, tile, False)
+    if req < 0:
+        return
+    q_len, context, token, group_head, position, row_valid, last_position = \
+        tile_rows(qsl_ptr, seq_lens_ptr, req, q_off, G, GP, BLOCK_T)
+    q_pos, q_neg = _folded_query(q_ptr, token.to(tl.int64), row_valid,
+                                 kv_head * G + group_head, q_tok, q_head, BLOCK_T, GP, D)
+    # Blocks complete at the tile's last token have bounds; none are read when every token
+    # has at most n candidates.
+    num_bounded = tl.where(last_position < TOPK * SELECT_BLOCK, 0,
+                           (last_position + 1) // SELECT_BLOCK)
+    toks = tl.arange(0, BLOCK_T)
+    tok_valid = q_off + toks < q_len
+    current_block = (context + q_off + toks) // SELECT_BLOCK                 # [BLOCK_T]
+    num_tiles = tl.cdiv(last_position // SELECT_BLOCK + 1, BB)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    token_ids = (tl.load(qsl_ptr + req) + q_off + toks).to(tl.int64)
+    best = tl.full([BLOCK_T, BB], -1, tl.int64)
+    block_offs = tl.arange(0, BB)
+    for c in range(tile_lo, tile_hi):
+        blocks = c * BB + block_offs
+        k_min, k_max = _bounds_tile(min_ptr, max_ptr, table_ptr, req, table_row, blocks,
+                                    blocks < num_bounded, kv_head, mn_page, mn_slot,
+                                    mn_head, mx_page, mx_slot, mx_head, PAGE_SIZE,
+                                    SELECT_BLOCK, D)
+        k_min = k_min.to(tl.float32)
+        k_max = k_max.to(tl.float32)
+        if BLOCK_T >= 16:
+            bound = (tl.dot(q_pos, tl.trans(k_max), input_precision=DOT_PRECISION)
+                     + tl.dot(q_neg, tl.trans(k_min), input_precision=DOT_PRECISION))
+        else:
+            bound = (tl.sum(q_pos[:, None, :] * k_max[None, :, :], axis=2)
+                     + tl.sum(q_neg[:, None, :] * k_min[None, :, :], axis=2))
+        bound = bound * scale                                               # [BLOCK_T, BB]
+        candidate = (blocks[None, :] <= current_block[:, None]) & tok_valid[:, None]
+        forced = candidate & ((blocks[None, :] < INIT_BLOCKS)
+                              | (blocks[None, :] > current_block[:, None] - LOCAL_BLOCKS))
+        # NaN (a NaN query) ranks below every real score.
+        ranked = tl.where(forced, float("inf"), tl.where(bound == bound, bound,
+                                                         float("-inf")))
+        key = tl.where(candidate, _bounds_keys(ranked, blocks[None, :]), -1)
+        improves = tl.sum((tl.max(key, axis=1) > tl.min(best, axis=1)).to(tl.int32), axis=0)
+        if improves > 0:
+            best = _keep_top(best, key, BLOCK_T, BB)
+    if candidates_ptr is None:
+        indices = _keys_to_indices(best, block_offs[None, :], TOPK)
+        tl.store(indices_ptr + (token_ids[:, None] * num_kv_heads + kv_head) * TOPK
+                 + block_offs[None, :], indices,
+                 mask=tok_valid[:, None] & (block_offs[None, :] < TOPK))
+    else:
+        tl.store(candidates_ptr + ((token_ids[:, None] * num_kv_heads + kv_head) * num_splits
+                                   + split) * BB + block_offs[None, :], best,
+                 mask=tok_valid[:, None])
+
+
+@triton.jit(do_not_specialize=["num_reqs"])
+def _select_bounds_decode_kernel(
+        q_ptr,              # [N, HQ, D]
+        min_ptr,            # [P, bounds_per_page, H, D]
+        max_ptr,            # [P, bounds_per_page, H, D]
+        table_ptr,          # [R, max_pages] int32
+        qsl_ptr,            # [R+1] int32 query_start_loc
+        seq_lens_ptr,       # [R] int32
+        block_scores_ptr,   # [N, H, blocks_row] float32 scratch: group scores
+        indices_ptr,        # [N, H, TOPK] int32 out, pre-filled with -1
+        q_tok, q_head, mn_page, mn_slot, mn_head, mx_page, mx_slot, mx_head, table_row,
+        blocks_row, num_reqs, num_kv_heads,
+        scale,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        SELECT_BLOCK: tl.constexpr, TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr,
+        LOCAL_BLOCKS: tl.constexpr, CHUNK: tl.constexpr):
+    """Grid (N, H), decode, "bounds" scorer: one program owns one (token, KV head). The
+    group's summed bound of each of its non-forced complete blocks, CHUNK blocks at a time
+    (forced blocks +inf, read nothing), into the scratch row, then `_top_n_of_row` over
+    signed scores. At most n candidates: every block, nothing read. Padding tokens are
+    skipped. Mirrors paged.select_bounds."""
+    token = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    req = request_of(qsl_ptr, num_reqs, token)
+    if req < 0:
+        return
+    q_begin = tl.load(qsl_ptr + req)
+    q_len = tl.load(qsl_ptr + req + 1) - q_begin
+    position = tl.load(seq_lens_ptr + req) - q_len + (token - q_begin)
+    current_block = position // SELECT_BLOCK
+    num_blocks = current_block + 1
+    row = token * num_kv_heads + kv_head
+    offs = tl.arange(0, CHUNK)
+    if num_blocks <= TOPK:
+        for start in range(0, num_blocks, CHUNK):
+            blocks = start + offs
+            tl.store(indices_ptr + row * TOPK + blocks, blocks, mask=blocks < num_blocks)
+    else:
+        group_head = tl.arange(0, GP)
+        q_pos, q_neg = _folded_query(q_ptr, token + group_head * 0, group_head < G,
+                                     kv_head * G + group_head, q_tok, q_head, 1, GP, D)
+        scores_row = block_scores_ptr + row * blocks_row
+        for start in range(0, num_blocks, CHUNK):
+            blocks = start + offs
+            in_row = blocks < num_blocks
+            forced = (blocks < INIT_BLOCKS) | (blocks > current_block - LOCAL_BLOCKS)
+            k_min, k_max = _bounds_tile(min_ptr, max_ptr, table_ptr, req, table_row, blocks,
+                                        in_row & ~forced, kv_head, mn_page, mn_slot,
+                                        mn_head, mx_page, mx_slot, mx_head, PAGE_SIZE,
+                                        SELECT_BLOCK, D)
+            bound = tl.sum(q_pos * k_max.to(tl.float32) + q_neg * k_min.to(tl.float32),
+                           axis=1) * scale
+            ranked = tl.where(forced, float("inf"), tl.where(bound == bound, bound,
+                                                             float("-inf")))
+            tl.store(scores_row + blocks, ranked, mask=in_row)
+        tl.debug_barrier()   # the row is re-read below by other threads of this program
+        _top_n_of_row(scores_row, indices_ptr + row * TOPK, num_blocks, TOPK, CHUNK, True)
+
+
+def select_bounds(q: torch.Tensor, bound_min_cache: torch.Tensor,
+                  bound_max_cache: torch.Tensor, block_table: torch.Tensor,
+                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, config: NSAConfig,
+                  scale: float, page_size: int, plan: StepPlan) -> torch.Tensor:
+    """Block selection with the "bounds" scorer (merged mode, no score stage):
+    block_indices [N, H, select_topk] int32, ascending, -1 padded. See paged.select_bounds."""
+    block_indices = torch.full((plan.num_tokens, plan.num_kv_heads, config.select_topk), -1,
+                               dtype=torch.int32, device=q.device)
+    if plan.num_tokens == 0:
+        return block_indices
+    common = dict(
+        q_ptr=q, min_ptr=bound_min_cache, max_ptr=bound_max_cache, table_ptr=block_table,
+        qsl_ptr=query_start_loc, seq_lens_ptr=seq_lens, q_tok=q.stride(0),
+        q_head=q.stride(1), mn_page=bound_min_cache.stride(0),
+        mn_slot=bound_min_cache.stride(1), mn_head=bound_min_cache.stride(2),
+        mx_page=bound_max_cache.stride(0), mx_slot=bound_max_cache.stride(1),
+        mx_head=bound_max_cache.stride(2), table_row=block_table.stride(0),
+        num_kv_heads=plan.num_kv_heads, scale=scale, G=plan.group, GP=plan.group_pad,
+        D=plan.head_dim, PAGE_SIZE=page_size, SELECT_BLOCK=config.select_block,
+        TOPK=config.select_topk, INIT_BLOCKS=config.init_blocks,
+        LOCAL_BLOCKS=config.local_blocks)
+    grid = (plan.num_tokens, plan.num_kv_heads)
+    if plan.decode:
+        _select_bounds_decode_kernel[grid](
+            block_scores_ptr=plan.block_scores, indices_ptr=block_indices,
+            blocks_row=plan.blocks_row, num_reqs=plan.num_reqs,
+            CHUNK=min(pow2(plan.blocks_row), 64), **common)
+        return block_indices
+    _select_bounds_kernel[(plan.num_q_tiles, plan.num_kv_heads, plan.scan_splits)](
+        tile_req_ptr=plan.tile_req, tile_qoff_ptr=plan.tile_qoff, indices_ptr=block_indices,
+        candidates_ptr=plan.select_candidates, num_splits=plan.scan_splits,
+        BLOCK_T=plan.block_t, BB=plan.select_tile_blocks,
+        DOT_PRECISION=plan.dot_precision, **common)
     if plan.select_candidates is not None:
         _merge_topk_kernel[grid](
             candidates_ptr=plan.select_candidates, qsl_ptr=query_start_loc,
