@@ -325,8 +325,11 @@ class KVAudit:
         cached = {block.block_id: block.block_hash for block in self.pool.blocks
                   if block.block_hash is not None}
         for block_id in list(self.frozen):
-            if cached.get(block_id) != self.frozen[block_id][0]:
-                del self.frozen[block_id]         # evicted (and maybe cached again)
+            # Evicted, or evicted, handed out and cached again under the same hash in this
+            # step (a request recomputing that page: equal up to batch-order rounding).
+            if (cached.get(block_id) != self.frozen[block_id][0]
+                    or block_id in self.handed_out_now):
+                del self.frozen[block_id]
         for block_id, block_hash in cached.items():
             bits = self.internals.page_bits(block_id)
             if block_id not in self.frozen:
