@@ -19,9 +19,12 @@ Checked, per seed:
 - an audit of every step's attention metadata: each request emits exactly the entries its
   new tokens complete, continuing where its previous step stopped; after a preemption or
   a new admission it restarts at a page-aligned prefix-cache hit whose pages hold its
-  earlier entries; no step writes (raw or compressed) into a page that was prefix-cached
-  before the step; a cached page's bytes never change while it stays cached;
+  earlier entries; every entry a request's attention read (its own or a cached page's),
+  in every layer, is the mean of its raw window; no step writes (raw or compressed) into
+  a page that was prefix-cached before the step; a cached page's bytes never change while
+  it stays cached;
 - the engine ends with every KV block free.
+A negative control drops the entries that land in reused pages and must be caught.
 
 NSA_FUZZ_SEEDS (e.g. "0-9" or "3,7") picks the seeds (CI: 0, 1, 2); NSA_FUZZ_REQUESTS the
 requests per seed (200). The counts of each run are printed (pytest -s).
@@ -63,6 +66,12 @@ def _parse_seeds(text: str) -> list[int]:
 SEEDS = _parse_seeds(os.environ.get("NSA_FUZZ_SEEDS", "0-2"))
 NUM_REQUESTS = int(os.environ.get("NSA_FUZZ_REQUESTS", "200"))
 LOGPROB_TOLERANCE = 1e-3      # as tests/test_nsa_engine.py
+# Block scores closer than this are a near-tie: the references mark where one decided a
+# selection. The tiny Llama's merged mode has exact float32 ties between two blocks'
+# scores in ~1.5% of prompts (nonzero gaps seen were >= 8e-6); batch-dependent rounding
+# (~1e-7) may break such a tie the other way (llama seed 18, request 84: same tokens,
+# last logprob off by 0.2).
+SELECTION_TIE = 1e-6
 MAX_PROMPT = 360              # > 5 selection blocks of 64 / 11 pages of 32
 MAX_NEW_TOKENS = 16
 MAX_MODEL_LEN = 512
@@ -152,6 +161,10 @@ class Result:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     aborted: str | None = None        # phase when aborted: waiting, prefill or decode
+    # A reference only: the first position whose top-n block selection had two blocks
+    # within SELECTION_TIE of each other. Run elsewhere (another batch, other float
+    # rounding), such a choice may go the other way: tokens from there on are not compared.
+    tie_position: float = math.inf
 
     def add(self, output) -> None:
         completion = output.outputs[0]
@@ -162,10 +175,36 @@ class Result:
             self.finish_reason = completion.finish_reason
 
 
+def selection_margins(p_slc, q_positions, num_kv_heads: int, config) -> torch.Tensor:
+    """Per query, the smallest gap (over KV heads) between the weakest block NSA's top-n
+    selection chose freely and the strongest it left out (inf where nothing was free to
+    choose): the replica of `select_blocks`' ranking, forced blocks excluded."""
+    num_q, num_heads, num_blocks = p_slc.shape
+    scores = p_slc.double().reshape(num_q, num_kv_heads, num_heads // num_kv_heads,
+                                    num_blocks).sum(dim=2)
+    blocks = torch.arange(num_blocks).view(1, -1)
+    current = (q_positions.long().cpu() // config.select_block).view(-1, 1)
+    candidate = blocks <= current
+    forced = candidate & ((blocks < config.init_blocks)
+                          | (blocks > current - config.local_blocks))
+    free = (candidate & ~forced)[:, None, :]
+    slots = (config.select_topk - forced.sum(-1)).clamp(min=0)           # [Q]
+    ranked = scores.masked_fill(~free, -math.inf).sort(dim=-1, descending=True).values
+    ranked = torch.nn.functional.pad(ranked, (0, config.select_topk), value=-math.inf)
+    index = slots.clamp(min=1).view(-1, 1, 1).expand(-1, num_kv_heads, 1)
+    gap = torch.gather(ranked, -1, index - 1) - torch.gather(ranked, -1, index)
+    gap = gap.squeeze(-1).nan_to_num(nan=math.inf, posinf=math.inf)
+    gap[slots == 0] = math.inf
+    return gap.min(dim=1).values
+
+
 def run_alone(engine, requests: list[FuzzRequest]) -> dict[tuple, Result]:
     """Each distinct prompt alone (max_num_seqs=1 runs them one after another) for the
     most tokens any request asks of it: greedy, so a request wanting fewer gets a prefix.
-    Keyed by the prompt."""
+    Keyed by the prompt. Each result also notes the first position where NSA's block
+    selection was a near-tie (see `Result.tie_position`)."""
+    import vllm_nsa.kernels.reference as reference
+
     longest: dict[tuple, int] = {}
     for request in requests:
         prompt = tuple(request.prompt)
@@ -176,9 +215,27 @@ def run_alone(engine, requests: list[FuzzRequest]) -> dict[tuple, Result]:
         results[prompt] = Result()
         engine.add_request(str(i), {"prompt_token_ids": list(prompt)},
                            sampling_params(max_tokens))
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            results[keys[output.request_id]].add(output)
+    scheduler = EngineInternals(engine).scheduler
+    select_blocks = getattr(reference, "select_blocks", None)
+
+    def watch_ties(p_slc, q_positions, num_kv_heads, config):
+        (running,) = scheduler.running               # one request at a time
+        margins = selection_margins(p_slc, q_positions, num_kv_heads, config)
+        near = q_positions[margins < SELECTION_TIE]
+        if near.numel():
+            result = results[keys[running.request_id.rsplit("-", 1)[0]]]
+            result.tie_position = min(result.tie_position, int(near.min()))
+        return select_blocks(p_slc, q_positions, num_kv_heads, config)
+
+    if select_blocks is not None:        # else: no tie excuses, every token compared
+        reference.select_blocks = watch_ties
+    try:
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                results[keys[output.request_id]].add(output)
+    finally:
+        if select_blocks is not None:
+            reference.select_blocks = select_blocks
     return results
 
 
@@ -210,6 +267,7 @@ class KVAudit:
         self.preempted: set[str] = set()
         self.frozen: dict[int, tuple] = {}        # cached page -> (its hash, its bits)
         self.rows = None
+        self._layer_caches = None
         self.errors: list[str] = []
         self.corrupt_emission = None              # test hook: edits the metadata the backend gets
 
@@ -319,7 +377,45 @@ class KVAudit:
                         for i in emitted}
             if written & protected:
                 self.errors.append(f"{where}: writes into cached pages {written & protected}")
+            self.check_entries(where, after, pages)
         self.check_cached_pages_unchanged()
+
+    def check_entries(self, where: str, num_tokens: int, pages: list[int]) -> None:
+        """Every compressed entry the request's attention read in this step (its own and
+        those of the prefix-cache pages it started on), in every layer, is the mean of its
+        raw window, read from the request's pages: not NaN (a page's poison), not stale."""
+        config, page = self.config, self.page
+        count = num_compressed(num_tokens, config)
+        if not count:
+            return
+        index = torch.arange(count)
+        window = (index * config.compress_stride).unsqueeze(1) + torch.arange(
+            config.compress_block)                                     # [E, l]
+        table = torch.tensor(pages)
+        last = index * config.compress_stride + config.compress_block - 1
+        raw_at = (table[window // page], window % page)
+        entry_at = (table[last // page], (last % page) // config.compress_stride)
+        for layer, caches in enumerate(self.layer_caches()):
+            key, value, cmp_key, cmp_value = caches
+            for name, raw, compressed in (("K", key, cmp_key), ("V", value, cmp_value)):
+                expected = raw[raw_at].float().mean(dim=1)
+                stored = compressed[entry_at].float()
+                if not torch.allclose(stored, expected, rtol=1e-5, atol=1e-6):
+                    bad = (~torch.isclose(stored, expected, rtol=1e-5, atol=1e-6)).flatten(1)
+                    entries = bad.any(1).nonzero().flatten().tolist()
+                    self.errors.append(f"{where}: layer {layer} compressed {name} of entries "
+                                       f"{entries} is not the mean of their raw windows")
+                    return
+
+    def layer_caches(self):
+        """Per layer, NSA's (key, value, cmp_key, cmp_value) views of the page buffer."""
+        if self._layer_caches is None:
+            from vllm_nsa.backend import split_kv_cache
+
+            self._layer_caches = [split_kv_cache(kv, kv.shape[-1] // 2,
+                                                 self.config.compress_stride)
+                                  for kv in self.internals.kv_caches]
+        return self._layer_caches
 
     def check_cached_pages_unchanged(self) -> None:
         cached = {block.block_id: block.block_hash for block in self.pool.blocks
@@ -414,9 +510,10 @@ def run_fuzz(engine, internals: EngineInternals, requests: list[FuzzRequest], mo
     return results, counts, audit.errors
 
 
-def compare(requests, results, references) -> tuple[list[str], float]:
-    """Mismatches against the references, and the largest |logprob difference|."""
-    problems, worst = [], 0.0
+def compare(requests, results, references) -> tuple[list[str], float, int]:
+    """Mismatches against the references, the largest |logprob difference|, and how many
+    requests were compared only up to a near-tie of their reference's block selection."""
+    problems, worst, excused = [], 0.0, 0
     for request in requests:
         got, ref = results[request.key], references[tuple(request.prompt)]
         if not all(math.isfinite(x) for x in got.logprobs):
@@ -426,17 +523,22 @@ def compare(requests, results, references) -> tuple[list[str], float]:
             if got.finish_reason != "length" or len(got.tokens) != request.max_tokens:
                 problems.append(f"{request.key}: finished {got.finish_reason!r} with "
                                 f"{len(got.tokens)}/{request.max_tokens} tokens")
-        expected = ref.tokens[:len(got.tokens)]
-        if got.tokens != expected:
+        # Generated token j comes from position len(prompt) - 1 + j.
+        comparable = len(got.tokens)
+        if ref.tie_position < len(request.prompt) - 1 + comparable:
+            comparable = max(0, int(ref.tie_position) - len(request.prompt) + 1)
+            excused += 1
+        tokens, expected = got.tokens[:comparable], ref.tokens[:comparable]
+        if tokens != expected:
             problems.append(f"{request.key} ({len(request.prompt)}-token prompt, aborted="
-                            f"{got.aborted}): tokens {got.tokens} != alone {expected}")
+                            f"{got.aborted}): tokens {tokens} != alone {expected}")
             continue
-        if got.tokens:
-            diff = max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs))
+        if tokens:
+            diff = max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs[:comparable]))
             worst = max(worst, diff)
             if diff > LOGPROB_TOLERANCE:
                 problems.append(f"{request.key}: |logprob diff| {diff:.2e}")
-    return problems, worst
+    return problems, worst, excused
 
 
 # ------------------------------------------------------------------ fixtures and tests
@@ -481,11 +583,12 @@ def test_fuzz_matches_requests_run_alone(fuzz_engine, seed, monkeypatch):
     requests = make_requests(seed)
     started = time.time()
     results, counts, errors = run_fuzz(engine, internals, requests, monkeypatch)
-    problems, worst = compare(requests, results, references)
+    problems, worst, excused = compare(requests, results, references)
     print(f"\n[{name} seed {seed}] {time.time() - started:.0f}s, max |logprob diff| "
-          f"{worst:.1e}: {counts}")
+          f"{worst:.1e}, {excused} compared up to a selection near-tie: {counts}")
     assert not errors, f"{len(errors)} audit errors, first: {errors[:5]}"
     assert not problems, f"{len(problems)} mismatches, first: {problems[:5]}"
+    assert excused <= len(requests) // 10, f"{excused} requests hit selection near-ties"
     # The engine ends empty: every block free, no request left anywhere.
     assert counts["free_blocks_at_end"] == counts["blocks"]
     assert counts["blocks_held_at_end"] == 0 and counts["scheduler_requests_at_end"] == 0
@@ -497,9 +600,10 @@ def test_fuzz_matches_requests_run_alone(fuzz_engine, seed, monkeypatch):
 
 def test_poisoned_pages_catch_missing_entries(fuzz_engine, monkeypatch):
     """The harness's power: drop the emission of every entry that lands in a page some
-    earlier request held (as if a recompute or a reused page skipped it; the audit is
-    bypassed on purpose). The NaN poison the page got when handed out must then surface
-    as outputs that differ from the requests run alone."""
+    earlier request held, as if a recompute or a reused page skipped it (behind the
+    audit's back: it records the metadata as built). The NaN poison those pages got when
+    handed out must surface twice: as entries that are not their windows' means, and as
+    outputs that differ from the requests run alone."""
     name, engine, internals, references = fuzz_engine
 
     def drop_entries_in_reused_pages(audit, md):
@@ -517,9 +621,10 @@ def test_poisoned_pages_catch_missing_entries(fuzz_engine, monkeypatch):
     requests = make_requests(SEEDS[0])[:NEGATIVE_CONTROL_REQUESTS]
     results, counts, errors = run_fuzz(engine, internals, requests, monkeypatch,
                                        corrupt_emission=drop_entries_in_reused_pages)
-    problems, _ = compare(requests, results, references)
+    problems, _, _ = compare(requests, results, references)
     print(f"\n[{name} negative control] {len(problems)} of {len(requests)} requests "
-          f"differ: {problems[:2]}")
-    assert not errors                      # the audit saw the metadata as built
+          f"differ, {len(errors)} audit errors: {problems[:1]} {errors[:1]}")
     assert counts["reused_pages"] > 0
-    assert problems, "dropping entries in reused pages went unnoticed"
+    assert problems, "outputs did not notice entries dropped in reused pages"
+    assert errors and all("is not the mean of their raw windows" in e for e in errors), \
+        errors[:3]

@@ -204,7 +204,7 @@ def test_concurrent_clients_disconnects_and_malformed_requests(server):
     load_seconds = time.time() - started
 
     # Healthy and idle: nothing running or waiting, no KV block held (so the prefix
-    # cache resets); the disconnected requests were aborted, not left running.
+    # cache resets).
     deadline = time.time() + 60
     while True:
         metrics = requests.get(f"{base_url}/metrics", timeout=10)
