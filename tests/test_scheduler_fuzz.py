@@ -12,7 +12,8 @@ whose KV cache is so small that vLLM preempts, evicts cached pages and reuses th
 Checked, per seed:
 - every finished request's greedy tokens and logprobs equal the same request run alone in
   an engine without pressure (no prefix cache, no chunking, one request at a time); an
-  aborted request's tokens are a prefix of its reference;
+  aborted request's tokens are a prefix of its reference; tokens past a position where the
+  reference's top-n block selection was a near-tie are not compared (see SELECTION_TIE);
 - every page vLLM hands out is first filled with NaN (raw and compressed parts), as is
   the whole cache at the start, so a compressed entry read but not written by its
   request (stale from an earlier holder) poisons the output; every logprob is finite;
