@@ -48,3 +48,18 @@ def test_from_object_without_nsa_fields_gives_defaults():
     class Dense:
         hidden_size = 64
     assert NSAConfig.from_hf_config(Dense()) == NSAConfig()
+
+
+def test_selection_score():
+    assert NSAConfig().selection_score == "compressed"        # the paper's; NSA checkpoints
+    assert NSAConfig.from_hf_config({"block_size": 64}).selection_score == "compressed"
+    dense = NSAConfig.for_dense_model(None)
+    assert dense.selection_score == "bounds" and dense.uses_bounds
+    assert dense == NSAConfig(selection_score="bounds")
+    assert NSAConfig.for_dense_model({"selection_score": "compressed"}) == NSAConfig()
+    assert "selection_score=bounds" in dense.describe()
+    with pytest.raises(NSAConfigError, match="selection_score='quest' is not supported; "
+                                             "supported: compressed, bounds"):
+        NSAConfig.for_dense_model({"selection_score": "quest"})
+    assert [dense.bounds_per_page(p) for p in (16, 64, 128)] == [1, 1, 2]
+    assert dense.bounds_entry_end(2) == 191 and dense.num_bounded(191) == 2

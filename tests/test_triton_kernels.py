@@ -150,7 +150,7 @@ def test_decode_batch_with_hint(gated, scan_bound):
 
 def test_decode_top_n_with_ties_and_nan():
     """_select_decode_kernel's top-n against a sort, with importance planted through the
-    block sums (G = 1, LSE = tile max = 0): heavy ties (to the lower block), +inf blocks
+    own block sums (G = 1, LSE = tile max = spill = 0): heavy ties (to the lower block), +inf blocks
     (more of them than n), NaN scores (rank as 0, never overfill a row), rows with fewer
     candidates than n (-1 padded), and rows longer than one chunk of the bisection."""
     topk, blocks_row, select_block, chunk = 5, 64, 16, 16
@@ -167,7 +167,7 @@ def test_decode_top_n_with_ties_and_nan():
     qsl = torch.arange(num_tokens + 1, dtype=torch.int32)
     indices = torch.full((num_tokens + 1, num_kv_heads, topk), -1, dtype=torch.int32)
     _select_decode_kernel[(num_tokens, num_kv_heads)](
-        block_sums_ptr=scores, tile_max_ptr=zeros, tile_spill_ptr=zeros,
+        own_sums_ptr=scores, spill_sums_ptr=torch.zeros_like(scores), tile_max_ptr=zeros,
         lse_ptr=torch.zeros(num_tokens, num_kv_heads), qsl_ptr=qsl, seq_lens_ptr=seq_lens,
         block_scores_ptr=torch.full_like(scores, float("nan")), indices_ptr=indices,
         blocks_row=blocks_row, tiles_row=tiles_row, num_reqs=num_tokens,

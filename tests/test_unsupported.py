@@ -50,6 +50,19 @@ def start_rejected(model_dir, message, **kwargs):
 
 
 # ------------------------------------------------------------------ engine-wide settings
+def test_selection_score_limits():
+    """"bounds" is a merged-mode scorer (an NSA model's gated mode is rejected) and needs
+    pages that divide or are multiples of a selection block."""
+    bounds = NSAConfig(selection_score="bounds")
+    assert unsupported_reasons(bounds, gated=False, block_size=16) == []
+    assert unsupported_reasons(bounds, block_size=128) == []
+    assert re.match(r"selection_score='bounds' is not supported by an NSA model",
+                    unsupported_reasons(bounds, gated=True)[0])
+    assert re.match(r"block_size=48 is not supported by NSA with selection_score='bounds'",
+                    unsupported_reasons(bounds, block_size=48)[0])
+    assert unsupported_reasons(NSAConfig(), gated=True, block_size=48) == []
+
+
 def test_triton_limits_apply_everywhere(tmp_path):
     """select_block=48 is a valid NSA parameter set, but the kernels tile selection blocks
     in powers of two: rejected at start on CPU as on CUDA (same function, same message)."""

@@ -97,9 +97,9 @@ class StepPlan:
     # the cache can hold overflows them.
     blocks_row: int          # selection blocks per row (whole scan tiles)
     tiles_row: int           # scan tiles per row
-    block_sums: torch.Tensor | None   # [N, HQ, blocks_row] per-tile block sums
+    own_sums: torch.Tensor | None     # [N, HQ, blocks_row] block sums of each scan tile
+    spill_sums: torch.Tensor | None   # [N, HQ, blocks_row] their spill into the next block
     tile_max: torch.Tensor | None     # [N, HQ, tiles_row] their reference max
-    tile_spill: torch.Tensor | None   # [N, HQ, tiles_row] mass spilled into the next tile
     block_scores: torch.Tensor | None  # [N, H, blocks_row] group importance
     select_candidates: torch.Tensor | None  # prefill scan split: [N, H, splits, BB] top keys
     # attend: selected tiles then window tiles of block_k keys, per (token, KV head)
@@ -170,12 +170,12 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
                                             device)
     tiles_row = -(-config.num_select_blocks(block_table.shape[1] * page_size) // tile_blocks)
     blocks_row = tiles_row * tile_blocks
-    decode_scratch = dict(block_sums=None, tile_max=None, tile_spill=None, block_scores=None)
+    decode_scratch = dict(own_sums=None, spill_sums=None, tile_max=None, block_scores=None)
     if decode:
         decode_scratch = dict(
-            block_sums=torch.empty((num_tokens, num_heads, blocks_row), **f32),
+            own_sums=torch.empty((num_tokens, num_heads, blocks_row), **f32),
+            spill_sums=torch.empty((num_tokens, num_heads, blocks_row), **f32),
             tile_max=torch.empty((num_tokens, num_heads, tiles_row), **f32),
-            tile_spill=torch.empty((num_tokens, num_heads, tiles_row), **f32),
             block_scores=torch.empty((num_tokens, num_kv_heads, blocks_row), **f32))
     score_parts = (Partials.empty(num_tokens, num_heads, 1, scan_splits, value_dim, gated,
                                   device) if scan_splits > 1 else None)

@@ -2,10 +2,11 @@
 giving the row's LSE (and o_cmp in gated mode). Twin: paged.score / reference.score.
 
 Decode batches also keep what block selection needs from this single read of the
-compressed keys: per scan tile c and query head, the block sums
-Σ_i omega(i, j) 2^(s_i - m_c) of the tile's selection blocks j, the tile's reference max
-m_c, and the tile's spill into the next tile's first block. `select` turns them into
-block importance once the LSE is final (kernels/README.md, "Decode: one read").
+compressed keys: per scan tile c and query head, for each selection block j of the tile,
+the sums over the entries starting in j of omega(i, j) 2^(s_i - m_c) (own) and of
+omega(i, j+1) 2^(s_i - m_c) (spill into the next block), and the tile's reference max
+m_c. `select` turns them into block importance once the LSE is final (kernels/README.md,
+"Decode: one read").
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from vllm_nsa.kernels.triton.common import (
     normalise,
     num_compressed,
     online_softmax_step,
-    overlap,
     store_partial,
     tile_request,
     tile_rows,
@@ -46,9 +46,9 @@ def _score_kernel(
         part_max_ptr,       # [N, HQ, 1, num_splits] (split)
         part_sum_ptr,       # [N, HQ, 1, num_splits] (split)
         part_acc_ptr,       # [N, HQ, 1, num_splits, DV] (split, WRITE_CMP)
-        block_sums_ptr,     # [N, HQ, blocks_row] float32 out (KEEP_BLOCK_SUMS)
+        own_sums_ptr,       # [N, HQ, blocks_row] float32 out (KEEP_BLOCK_SUMS)
+        spill_sums_ptr,     # [N, HQ, blocks_row] float32 out (KEEP_BLOCK_SUMS)
         tile_max_ptr,       # [N, HQ, tiles_row] float32 out: m_c (KEEP_BLOCK_SUMS)
-        tile_spill_ptr,     # [N, HQ, tiles_row] float32 out (KEEP_BLOCK_SUMS)
         # strides (elements)
         q_tok, q_head, ck_page, ck_slot, ck_head, cv_page, cv_slot, cv_head, table_row,
         o_tok, o_head, blocks_row, tiles_row,
@@ -68,8 +68,8 @@ def _score_kernel(
     G query heads of one KV head, and the split'th share of the scan tiles its rows can
     see (shares follow each request's own context); online softmax over them. Unsplit it
     writes LSE (and o_cmp); split it writes partials that `combine` merges. With
-    KEEP_BLOCK_SUMS (decode) it also writes each scan tile's block sums, reference max and
-    spill. Mirrors paged.score."""
+    KEEP_BLOCK_SUMS (decode) it also writes each scan tile's block sums (own and spill)
+    and reference max. Mirrors paged.score."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -112,16 +112,22 @@ def _score_kernel(
         row_max, row_sum, acc, probs, reference_max = online_softmax_step(
             scores, values, row_max, row_sum, acc, WRITE_CMP, DOT_PRECISION)
         if KEEP_BLOCK_SUMS:
-            blocks = c * BB + tl.arange(0, BB)
-            weights = overlap(entries[:, None], blocks[None, :], COMPRESS_BLOCK,
-                              COMPRESS_STRIDE, SELECT_BLOCK)                 # [BC, BB]
-            sums = tl.dot(probs, weights, input_precision="ieee")            # [rows, BB]
-            spill = tl.sum(probs * overlap(entries, c * BB + BB, COMPRESS_BLOCK,
-                                           COMPRESS_STRIDE, SELECT_BLOCK)[None, :], axis=1)
-            tl.store(block_sums_ptr + head_row[:, None] * blocks_row + blocks[None, :], sums,
-                     mask=row_valid[:, None])
+            # Entry k of a block starts k*d into it: omega = its overlap with the block
+            # (own) and with the next one (spill), spec Eq. 9 (reference.overlap_weights).
+            PER_BLOCK: tl.constexpr = SELECT_BLOCK // COMPRESS_STRIDE
+            k = tl.arange(0, PER_BLOCK)
+            own_weight = tl.minimum(COMPRESS_BLOCK, SELECT_BLOCK - k * COMPRESS_STRIDE)
+            spill_weight = tl.maximum(k * COMPRESS_STRIDE + COMPRESS_BLOCK - SELECT_BLOCK, 0)
+            by_block = tl.reshape(probs, [BLOCK_T * GP, BB, PER_BLOCK])
+            own = tl.sum(by_block * (own_weight.to(tl.float32) / COMPRESS_STRIDE)[None, None, :],
+                         axis=2)
+            spill = tl.sum(by_block
+                           * (spill_weight.to(tl.float32) / COMPRESS_STRIDE)[None, None, :],
+                           axis=2)
+            sums_at = head_row[:, None] * blocks_row + (c * BB + tl.arange(0, BB))[None, :]
+            tl.store(own_sums_ptr + sums_at, own, mask=row_valid[:, None])
+            tl.store(spill_sums_ptr + sums_at, spill, mask=row_valid[:, None])
             tl.store(tile_max_ptr + head_row * tiles_row + c, reference_max, mask=row_valid)
-            tl.store(tile_spill_ptr + head_row * tiles_row + c, spill, mask=row_valid)
     if lse_ptr is not None:
         tl.store(lse_ptr + head_row, log2_sum_exp(row_max, row_sum) * LN2, mask=row_valid)
         if WRITE_CMP:
@@ -152,8 +158,8 @@ def score(q: torch.Tensor, cmp_key_cache: torch.Tensor, cmp_value_cache: torch.T
         part_max_ptr=parts.row_max if split else None,
         part_sum_ptr=parts.row_sum if split else None,
         part_acc_ptr=parts.acc if split else None,
-        block_sums_ptr=plan.block_sums, tile_max_ptr=plan.tile_max,
-        tile_spill_ptr=plan.tile_spill,
+        own_sums_ptr=plan.own_sums, spill_sums_ptr=plan.spill_sums,
+        tile_max_ptr=plan.tile_max,
         q_tok=q.stride(0), q_head=q.stride(1),
         ck_page=cmp_key_cache.stride(0), ck_slot=cmp_key_cache.stride(1),
         ck_head=cmp_key_cache.stride(2),
@@ -171,7 +177,7 @@ def score(q: torch.Tensor, cmp_key_cache: torch.Tensor, cmp_value_cache: torch.T
         DENSE_BELOW=0 if o_cmp is not None else config.dense_tokens,
         BC=plan.select_tile_entries,
         BB=plan.select_tile_blocks, DECODE=plan.decode,
-        WRITE_CMP=o_cmp is not None, KEEP_BLOCK_SUMS=plan.block_sums is not None,
+        WRITE_CMP=o_cmp is not None, KEEP_BLOCK_SUMS=plan.own_sums is not None,
         DOT_PRECISION=plan.dot_precision)
     if split:
         combine(parts, query_start_loc, o_cmp, 0, plan.lse)

@@ -251,9 +251,9 @@ def _merge_topk_kernel(
 
 @triton.jit(do_not_specialize=["num_reqs"])
 def _select_decode_kernel(
-        block_sums_ptr,     # [N, HQ, blocks_row] float32: per scan tile c, Σ ω 2^(s - m_c)
+        own_sums_ptr,       # [N, HQ, blocks_row] float32: Σ ω(i, j) 2^(s_i - m_c), i in j
+        spill_sums_ptr,     # [N, HQ, blocks_row] float32: Σ ω(i, j+1) 2^(s_i - m_c), i in j
         tile_max_ptr,       # [N, HQ, tiles_row] float32: m_c
-        tile_spill_ptr,     # [N, HQ, tiles_row] float32: tile c's sum into block (c+1)*BB
         lse_ptr,            # [N, HQ] float32 natural-log LSE from `score`
         qsl_ptr,            # [R+1] int32 query_start_loc
         seq_lens_ptr,       # [R] int32
@@ -268,8 +268,8 @@ def _select_decode_kernel(
         TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
         CHUNK: tl.constexpr):
     """Grid (N, H), decode: one program owns one (token, KV head). Block importance of its
-    blocks j <= t // l' is Σ_g 2^(m_c(g) - LSE_g) * sums_g[j] (+ the previous tile's spill
-    into a tile's first block), summed over the group's G heads; forced blocks rank +inf,
+    blocks j <= t // l' is Σ_g 2^(m_c(j),g - LSE_g) own_g[j] + 2^(m_c(j-1),g - LSE_g)
+    spill_g[j-1], summed over the group's G heads (c(j): j's scan tile); forced blocks +inf,
     NaN as 0; then `_top_n_of_row`: the n-th largest score by bisection, ties to the lower
     block, the n blocks written ascending, every store inside the row. Padding tokens are
     skipped.
@@ -294,24 +294,24 @@ def _select_decode_kernel(
     for start in range(0, num_blocks, CHUNK):
         blocks = start + offs
         in_row = blocks < num_blocks
-        tile = blocks // BB
-        scanned = in_row & (tile < scanned_tiles)
-        spilled = in_row & (blocks % BB == 0) & (tile > 0) & (tile - 1 < scanned_tiles)
+        scanned = in_row & (blocks // BB < scanned_tiles)
+        prev = blocks - 1
+        prev_scanned = in_row & (prev >= 0) & (prev // BB < scanned_tiles)
         importance = tl.zeros([CHUNK], tl.float32)
         for g in tl.static_range(G):
             head_row = token * num_heads + kv_head * G + g
             lse = tl.load(lse_ptr + head_row) * LOG2E
             safe_lse = tl.where(lse == float("-inf"), 0.0, lse)
-            tile_max = tl.load(tile_max_ptr + head_row * tiles_row + tile, mask=scanned,
-                               other=float("-inf"))
-            sums = tl.load(block_sums_ptr + head_row * blocks_row + blocks, mask=scanned,
-                           other=0.0)
-            prev_max = tl.load(tile_max_ptr + head_row * tiles_row + tile - 1, mask=spilled,
-                               other=float("-inf"))
-            prev_spill = tl.load(tile_spill_ptr + head_row * tiles_row + tile - 1,
-                                 mask=spilled, other=0.0)
-            importance += (tl.exp2(tile_max - safe_lse) * sums
-                           + tl.exp2(prev_max - safe_lse) * prev_spill)
+            own_max = tl.load(tile_max_ptr + head_row * tiles_row + blocks // BB,
+                              mask=scanned, other=float("-inf"))
+            own = tl.load(own_sums_ptr + head_row * blocks_row + blocks, mask=scanned,
+                          other=0.0)
+            prev_max = tl.load(tile_max_ptr + head_row * tiles_row + prev // BB,
+                               mask=prev_scanned, other=float("-inf"))
+            spill = tl.load(spill_sums_ptr + head_row * blocks_row + prev,
+                            mask=prev_scanned, other=0.0)
+            importance += (tl.exp2(own_max - safe_lse) * own
+                           + tl.exp2(prev_max - safe_lse) * spill)
         forced = (blocks < INIT_BLOCKS) | (blocks > current_block - LOCAL_BLOCKS)
         ranked = tl.where(forced, float("inf"), tl.where(importance == importance,
                                                          importance, 0.0))
@@ -336,8 +336,8 @@ def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tens
     grid = (plan.num_tokens, plan.num_kv_heads)
     if plan.decode:
         _select_decode_kernel[grid](
-            block_sums_ptr=plan.block_sums, tile_max_ptr=plan.tile_max,
-            tile_spill_ptr=plan.tile_spill, lse_ptr=lse, qsl_ptr=query_start_loc,
+            own_sums_ptr=plan.own_sums, spill_sums_ptr=plan.spill_sums,
+            tile_max_ptr=plan.tile_max, lse_ptr=lse, qsl_ptr=query_start_loc,
             seq_lens_ptr=seq_lens, block_scores_ptr=plan.block_scores,
             indices_ptr=block_indices, blocks_row=plan.blocks_row, tiles_row=plan.tiles_row,
             num_reqs=plan.num_reqs, num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads,
