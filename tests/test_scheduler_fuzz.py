@@ -1,29 +1,32 @@
-"""Scheduler fuzzing (issue #18): NSA's compressed entries under preemption, aborts,
+"""Scheduler fuzzing (issue #18): NSA's scorer entries under preemption, aborts,
 prefix-cache hits, evictions and page reuse, in vLLM's own engine step loop.
 
-NSA keeps state vLLM's other backends do not: compressed entry i (raw tokens
-[i*d, i*d + l)) is written once, into the page of its last raw token, in the step that
-writes that token. For each model (a dense Llama served with attention_backend="NSA", and
-an NSA checkpoint) and each seed, >= 200 requests with random prompt lengths (crossing
-compression windows, selection blocks and pages), random shared prefixes, random arrivals
-and random aborts (waiting, mid-prefill, mid-decode) run through an in-process engine
-whose KV cache is so small that vLLM preempts, evicts cached pages and reuses them.
+NSA keeps state vLLM's other backends do not: its selection scorer's entries — compressed
+entry i (raw tokens [i*d, i*d + l)), or under the "bounds" scorer the key min/max of
+selection block j (raw tokens [j*l', j*l' + l')) — are written once, into the page of their
+last raw token, in the step that writes that token. For each model (a dense Llama served
+with attention_backend="NSA": a dense model's default "bounds" scorer; and an NSA
+checkpoint: the compressed scorer) and each seed, >= 200 requests with random prompt
+lengths (crossing compression windows, selection blocks and pages), random shared
+prefixes, random arrivals and random aborts (waiting, mid-prefill, mid-decode) run through
+an in-process engine whose KV cache is so small that vLLM preempts, evicts cached pages
+and reuses them.
 
 Checked, per seed:
 - every finished request's greedy tokens and logprobs equal the same request run alone in
   an engine without pressure (no prefix cache, no chunking, one request at a time); an
   aborted request's tokens are a prefix of its reference; tokens past a position where the
   reference's top-n block selection was a near-tie are not compared (see SELECTION_TIE);
-- every page vLLM hands out is first filled with NaN (raw and compressed parts), as is
+- every page vLLM hands out is first filled with NaN (raw and scorer parts), as is
   the whole cache at the start, so a compressed entry read but not written by its
   request (stale from an earlier holder) poisons the output; every logprob is finite;
 - an audit of every step's attention metadata: each request emits exactly the entries its
   new tokens complete, continuing where its previous step stopped; after a preemption or
   a new admission it restarts at a page-aligned prefix-cache hit whose pages hold its
   earlier entries; every entry a request's attention read (its own or a cached page's),
-  in every layer, is the mean of its raw window; no step writes (raw or compressed) into
-  a page that was prefix-cached before the step; a cached page's bytes never change while
-  it stays cached;
+  in every layer, is the mean (bounds: the min and max) of its raw window; no step writes
+  (raw or scorer entries) into a page that was prefix-cached before the step; a cached
+  page's bytes never change while it stays cached;
 - the engine ends with every KV block free.
 A negative control drops the entries that land in reused pages and must be caught.
 
@@ -50,6 +53,7 @@ from engine_utils import (  # noqa: E402
     start_inprocess_engine,
     stop_inprocess_engine,
 )
+from vllm_nsa.backend import emission_geometry  # noqa: E402
 
 # The references and the seeds' runs take ~1 min per model on an idle 2-core machine;
 # the limit leaves room for a busy one.
@@ -176,13 +180,13 @@ class Result:
             self.finish_reason = completion.finish_reason
 
 
-def selection_margins(p_slc, q_positions, num_kv_heads: int, config) -> torch.Tensor:
+def selection_margins(group_scores, q_positions, config) -> torch.Tensor:
     """Per query, the smallest gap (over KV heads) between the weakest block NSA's top-n
     selection chose freely and the strongest it left out (inf where nothing was free to
-    choose): the replica of `select_blocks`' ranking, forced blocks excluded."""
-    num_q, num_heads, num_blocks = p_slc.shape
-    scores = p_slc.double().reshape(num_q, num_kv_heads, num_heads // num_kv_heads,
-                                    num_blocks).sum(dim=2)
+    choose): the replica of `reference.rank_blocks`' ranking of group scores [Q, H, NB],
+    forced blocks excluded."""
+    num_q, num_kv_heads, num_blocks = group_scores.shape
+    scores = group_scores.double()
     blocks = torch.arange(num_blocks).view(1, -1)
     current = (q_positions.long().cpu() // config.select_block).view(-1, 1)
     candidate = blocks <= current
@@ -217,28 +221,40 @@ def run_alone(engine, requests: list[FuzzRequest]) -> dict[tuple, Result]:
         engine.add_request(str(i), {"prompt_token_ids": list(prompt)},
                            sampling_params(max_tokens))
     scheduler = EngineInternals(engine).scheduler
-    top_blocks = reference.top_blocks
+    rank_blocks = reference.rank_blocks       # every scorer's top-n goes through it
 
-    def watch_ties(p_slc, q_positions, num_kv_heads, config):
+    def watch_ties(group_scores, q_positions, config):
         (running,) = scheduler.running               # one request at a time
-        margins = selection_margins(p_slc, q_positions, num_kv_heads, config)
+        margins = selection_margins(group_scores, q_positions, config)
         near = q_positions[margins < SELECTION_TIE]
         if near.numel():
             result = results[keys[running.request_id.rsplit("-", 1)[0]]]
             result.tie_position = min(result.tie_position, int(near.min()))
-        return top_blocks(p_slc, q_positions, num_kv_heads, config)
+        return rank_blocks(group_scores, q_positions, config)
 
-    reference.top_blocks = watch_ties
+    reference.rank_blocks = watch_ties
     try:
         while engine.has_unfinished_requests():
             for output in engine.step():
                 results[keys[output.request_id]].add(output)
     finally:
-        reference.top_blocks = top_blocks
+        reference.rank_blocks = rank_blocks
     return results
 
 
 # ------------------------------------------------------------------ the audit
+def num_entries(config, num_tokens: int) -> int:
+    """Scorer entries complete among num_tokens tokens (compressed entries or blocks)."""
+    span, stride = emission_geometry(config)
+    return (num_tokens - span) // stride + 1 if num_tokens >= span else 0
+
+
+def entry_end(config, index):
+    """Last raw token of scorer entry `index`: the token whose page stores it."""
+    span, stride = emission_geometry(config)
+    return index * stride + span - 1
+
+
 class KVAudit:
     """Hooks on the block pool, the scheduler and NSA's metadata builder that poison every
     page handed out, count preemptions, evictions and reused pages, and check every step's
@@ -344,7 +360,7 @@ class KVAudit:
             request = self.internals.scheduler.requests.get(req_id)
             if request is not None and request.num_computed_tokens != after:
                 self.errors.append(f"{where}: the scheduler has {request.num_computed_tokens}")
-            expected = list(range(config.num_compressed(before), config.num_compressed(after)))
+            expected = list(range(num_entries(config, before), num_entries(config, after)))
             if emitted != expected:
                 self.errors.append(f"{where}: emitted entries {emitted}, needs {expected}")
             self.counts["entries_emitted"] += len(emitted)
@@ -366,38 +382,46 @@ class KVAudit:
                 self.errors.append(f"{where}: its previous step ended at {self.done[req_id]}")
             self.done[req_id] = after
             written = {pages[p // page] for p in range(before, after)}
-            written |= {pages[(i * config.compress_stride + config.compress_block - 1) // page]
-                        for i in emitted}
+            written |= {pages[entry_end(config, i) // page] for i in emitted}
             if written & protected:
                 self.errors.append(f"{where}: writes into cached pages {written & protected}")
             self.check_entries(where, after, pages)
         self.check_cached_pages_unchanged()
 
     def check_entries(self, where: str, num_tokens: int, pages: list[int]) -> None:
-        """Every compressed entry the request's attention read in this step (its own and
-        those of the prefix-cache pages it started on), in every layer, is the mean of its
-        raw window, read from the request's pages: not NaN (a page's poison), not stale."""
+        """Every scorer entry the request's attention read in this step (its own and those
+        of the prefix-cache pages it started on), in every layer, is the mean (bounds: the
+        key min and max) of its raw window, read from the request's pages: not NaN (a
+        page's poison), not stale."""
         config, page = self.config, self.page
-        count = config.num_compressed(num_tokens)
+        count = num_entries(config, num_tokens)
         if not count:
             return
+        span, stride = emission_geometry(config)
         index = torch.arange(count)
-        window = (index * config.compress_stride).unsqueeze(1) + torch.arange(
-            config.compress_block)                                     # [E, l]
+        window = (index * stride).unsqueeze(1) + torch.arange(span)         # [E, span]
         table = torch.tensor(pages)
-        last = index * config.compress_stride + config.compress_block - 1
+        last = entry_end(config, index)
         raw_at = (table[window // page], window % page)
-        entry_at = (table[last // page], (last % page) // config.compress_stride)
+        slot_width = config.select_block if config.uses_bounds else stride
+        entry_at = (table[last // page], (last % page) // slot_width)
         for layer, caches in enumerate(self.layer_caches()):
             key, value, cmp_key, cmp_value = caches
-            for name, raw, compressed in (("K", key, cmp_key), ("V", value, cmp_value)):
-                expected = raw[raw_at].float().mean(dim=1)
+            if config.uses_bounds:
+                checks = (("K min", key, cmp_key, lambda x: x.amin(dim=1)),
+                          ("K max", key, cmp_value, lambda x: x.amax(dim=1)))
+            else:
+                checks = (("K", key, cmp_key, lambda x: x.mean(dim=1)),
+                          ("V", value, cmp_value, lambda x: x.mean(dim=1)))
+            for name, raw, compressed, summary in checks:
+                expected = summary(raw[raw_at].float())
                 stored = compressed[entry_at].float()
                 if not torch.allclose(stored, expected, rtol=1e-5, atol=1e-6):
                     bad = (~torch.isclose(stored, expected, rtol=1e-5, atol=1e-6)).flatten(1)
                     entries = bad.any(1).nonzero().flatten().tolist()
-                    self.errors.append(f"{where}: layer {layer} compressed {name} of entries "
-                                       f"{entries} is not the mean of their raw windows")
+                    self.errors.append(f"{where}: layer {layer} scorer entries' {name} of "
+                                       f"entries {entries} is not the summary of their raw "
+                                       f"windows")
                     return
 
     def layer_caches(self):
@@ -405,8 +429,7 @@ class KVAudit:
         if self._layer_caches is None:
             from vllm_nsa.backend import split_kv_cache
 
-            self._layer_caches = [split_kv_cache(kv, kv.shape[-1] // 2,
-                                                 self.config.compress_stride)
+            self._layer_caches = [split_kv_cache(kv, kv.shape[-1] // 2, self.config)
                                   for kv in self.internals.kv_caches]
         return self._layer_caches
 
@@ -603,7 +626,7 @@ def test_poisoned_pages_catch_missing_entries(fuzz_engine, monkeypatch):
         config, reused = audit.config, audit.reused_holdings
         keep = []
         for row, index in zip(md.emit_req.tolist(), md.emit_index.tolist()):
-            last = index * config.compress_stride + config.compress_block - 1
+            last = entry_end(config, index)
             page = int(md.block_table[row, last // BLOCK_SIZE]) if row >= 0 else -1
             keep.append(row >= 0 and page not in reused)
         keep = torch.tensor(keep, dtype=torch.bool)
@@ -619,5 +642,5 @@ def test_poisoned_pages_catch_missing_entries(fuzz_engine, monkeypatch):
           f"differ, {len(errors)} audit errors: {problems[:1]} {errors[:1]}")
     assert counts["reused_pages"] > 0
     assert problems, "outputs did not notice entries dropped in reused pages"
-    assert errors and all("is not the mean of their raw windows" in e for e in errors), \
+    assert errors and all("is not the summary of their raw windows" in e for e in errors), \
         errors[:3]
