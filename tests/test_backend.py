@@ -237,6 +237,21 @@ def test_bounds_land_at_their_last_token():
         assert bound_min.stride(0) == raw + slots * KV_HEADS * 2 * HEAD_SIZE
 
 
+def test_page_padding_per_scorer():
+    """customize_spec's padding: the compressed entries of a page, or the bounds slots of
+    the selection blocks that end in it (at least one per page)."""
+    import types
+
+    from vllm_nsa.backend import scorer_page_bytes
+
+    for page_size, compressed, bounds in ((16, 1, 1), (64, 4, 1), (128, 8, 2)):
+        spec = types.SimpleNamespace(block_size=page_size, num_kv_heads=2, head_size=64,
+                                     head_size_v=64, dtype=torch.bfloat16)
+        assert scorer_page_bytes(spec, NSAConfig()) == compressed * 2 * 128 * 2
+        assert scorer_page_bytes(spec, NSAConfig(selection_score="bounds")) == \
+            bounds * 2 * 128 * 2
+
+
 def test_impl_rejects_unsupported_layers():
     with pytest.raises(ValueError, match=r"head_size=48 is not supported by NSA \(supported: "):
         NSAAttentionImpl(4, 48, 1.0, 2, None, None, "auto", nsa_config=CONFIGS[0])
