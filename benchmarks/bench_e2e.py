@@ -47,7 +47,7 @@ import tempfile
 import time
 
 from vllm_nsa.engine_runner import run_isolated, start_engine, stop_engine
-from vllm_nsa.read_stats import STATS_FILE_ENV, read_lines
+from vllm_nsa.read_stats import STATS_FILE_ENV, config_in_force, read_lines
 
 SHAPES = {
     "8b": dict(label="Llama-3-8B shape", kv_tokens=327_680, tie=False, hidden=4096,
@@ -67,10 +67,11 @@ STALL_TOLERANCE = 0.10   # a round this far from the median step is reported as 
 # Kernel-name fragments -> the group a profiled kernel's time is reported under.
 KERNEL_GROUPS = (
     ("NSA score", ("_score_kernel",)),
-    ("NSA select", ("_select_kernel", "_merge_topk_kernel", "_select_decode_kernel")),
+    ("NSA select", ("_select_kernel", "_merge_topk_kernel", "_select_decode_kernel",
+                    "_select_bounds_kernel", "_select_bounds_decode_kernel")),
     ("NSA attend", ("_attend_kernel",)),
     ("NSA combine", ("_combine_kernel",)),
-    ("NSA compress", ("_compress_kernel",)),
+    ("NSA compress", ("_compress_kernel", "_bounds_kernel")),
     ("KV-cache write", ("reshape_and_cache", "_write_kv_kernel")),   # FA's: "..._flash"
     ("FlashAttention", ("flash", "fmha")),
     ("GEMM", ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "splitk")),
@@ -185,6 +186,7 @@ def bench_engine(args, shape_name: str, backend: str) -> dict:
             entry["read_fraction"] = (sum(s["total"] for s in decode_steps) /
                                       sum(s["dense"] for s in decode_steps))
             entry["stats_steps"] = len(decode_steps)
+            result["nsa_config"] = config_in_force(decode_steps)
         result["contexts"].append(entry)
         print(f"[{backend} {shape_name}] {ctx}: {entry}", flush=True)
     if profile_dir:

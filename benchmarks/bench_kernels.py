@@ -43,9 +43,19 @@ except ModuleNotFoundError:  # a bare checkout (the GPU machine): map kernels/ b
 from vllm_nsa.config import NSAConfig  # noqa: E402
 from vllm_nsa.kernels import paged, reference  # noqa: E402
 from vllm_nsa.kernels import triton as nsa_triton  # noqa: E402
-from vllm_nsa.kernels.triton import attend, combine, compress, score, select  # noqa: E402
+from vllm_nsa.kernels.triton import (  # noqa: E402
+    attend,
+    bounds,
+    combine,
+    compress,
+    score,
+    select,
+)
 
-CFG = NSAConfig()  # paper: l=32, d=16, l'=64, n=16, w=512
+CFG = NSAConfig()  # paper: l=32, d=16, l'=64, n=16, w=512; the NSA checkpoints' scorer
+# What a dense model served with the NSA backend gets with no flags: the paper's parameters
+# and the "bounds" selection scorer (merged mode only).
+CFG_BOUNDS = NSAConfig.for_dense_model(None)
 D = 128
 PAGE = 64
 DT = torch.bfloat16
@@ -65,7 +75,8 @@ def bench(fn, rep_ms=300):
 # ------------------------------------------------------------------ paged fixtures
 def paged_batch(seq_lens, num_kv_heads, gen_seed=0, page_size=PAGE):
     """Random raw caches on shuffled pages for requests of seq_lens, plus compressed caches
-    filled by the Triton emission kernel. Returns dict of tensors."""
+    filled by the Triton emission kernel, and the "bounds" scorer's caches under
+    "bounds_"-prefixed keys. Returns dict of tensors."""
     torch.manual_seed(gen_seed)
     pages_per = [-(-s // page_size) for s in seq_lens]
     num_pages = sum(pages_per) + 1
@@ -77,51 +88,61 @@ def paged_batch(seq_lens, num_kv_heads, gen_seed=0, page_size=PAGE):
     for r, n in enumerate(pages_per):
         table[r, :n] = perm[used:used + n]
         used += n
-    per_page = page_size // CFG.compress_stride
-    cmp_key = torch.full((num_pages, per_page, num_kv_heads, D), float("nan"), device=DEV,
-                         dtype=DT)
-    cmp_value = cmp_key.clone()
-    reqs, idxs = [], []
-    for r, s in enumerate(seq_lens):
-        c = CFG.num_compressed(s)
-        reqs.append(torch.full((c,), r, dtype=torch.int32))
-        idxs.append(torch.arange(c, dtype=torch.int32))
-    emit_req = torch.cat(reqs).to(DEV)
-    emit_index = torch.cat(idxs).to(DEV)
-    nsa_triton.compress(key_cache, value_cache, cmp_key, cmp_value, table, emit_req,
-                        emit_index, CFG)
-    return dict(key_cache=key_cache, value_cache=value_cache, table=table, cmp_key=cmp_key,
-                cmp_value=cmp_value, emit_req=emit_req, emit_index=emit_index,
-                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEV))
+    b = dict(key_cache=key_cache, value_cache=value_cache, table=table,
+             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEV))
+    for prefix, cfg, per_page, entries in (
+            ("", CFG, page_size // CFG.compress_stride, CFG.num_compressed),
+            ("bounds_", CFG_BOUNDS, CFG_BOUNDS.bounds_per_page(page_size),
+             CFG_BOUNDS.num_bounded)):
+        cmp_key = torch.full((num_pages, per_page, num_kv_heads, D), float("nan"), device=DEV,
+                             dtype=DT)
+        cmp_value = cmp_key.clone()
+        reqs, idxs = [], []
+        for r, s in enumerate(seq_lens):
+            c = entries(s)
+            reqs.append(torch.full((c,), r, dtype=torch.int32))
+            idxs.append(torch.arange(c, dtype=torch.int32))
+        emit_req = torch.cat(reqs).to(DEV)
+        emit_index = torch.cat(idxs).to(DEV)
+        nsa_triton.compress(key_cache, value_cache, cmp_key, cmp_value, table, emit_req,
+                            emit_index, cfg)
+        b.update({prefix + "cmp_key": cmp_key, prefix + "cmp_value": cmp_value,
+                  prefix + "emit_req": emit_req, prefix + "emit_index": emit_index})
+    return b
 
 
-def run_nsa(impl, q, b, qsl, gated, **hints):
+def run_nsa(impl, q, b, qsl, gated, cfg=CFG, **hints):
     shape = (q.shape[0], q.shape[1], 3, D) if gated else (q.shape[0], q.shape[1], D)
     out = torch.full(shape, float("nan"), device=DEV, dtype=DT)   # poison
-    plan = impl.make_plan(q, b["key_cache"], b["value_cache"], b["table"], qsl, CFG, gated,
+    prefix = "bounds_" if cfg.uses_bounds else ""
+    plan = impl.make_plan(q, b["key_cache"], b["value_cache"], b["table"], qsl, cfg, gated,
                           **hints)
-    idx = impl.nsa_paged_attention(q, b["key_cache"], b["value_cache"], b["cmp_key"],
-                                   b["cmp_value"], b["table"], qsl, b["seq_lens"], CFG,
+    idx = impl.nsa_paged_attention(q, b["key_cache"], b["value_cache"], b[prefix + "cmp_key"],
+                                   b[prefix + "cmp_value"], b["table"], qsl, b["seq_lens"], cfg,
                                    D ** -0.5, out, gated, plan)
     return out, idx
 
 
-def group_scores(q_rows, b, r, positions, num_kv_heads):
+def group_scores(q_rows, b, r, positions, num_kv_heads, cfg=CFG):
     """Reference group importance [rows, H, NB] for query rows of request r (float32)."""
     s = int(b["seq_lens"][r])
     row = b["table"][r]
-    k_cmp = paged.gather_compressed(b["cmp_key"], row, s, CFG)
-    v_cmp = paged.gather_compressed(b["cmp_value"], row, s, CFG)
-    _, lse = reference.score(q_rows, k_cmp, v_cmp, positions, CFG, D ** -0.5)
-    p_slc = reference.block_importance(q_rows, k_cmp, lse, positions, CFG.num_select_blocks(s),
-                                       CFG, D ** -0.5)
+    if cfg.uses_bounds:
+        k_min, k_max = (paged.gather_bounds(b[name], row, s, PAGE, cfg)
+                        for name in ("bounds_cmp_key", "bounds_cmp_value"))
+        return reference.group_bound_scores(q_rows, k_min, k_max, D ** -0.5)
+    k_cmp = paged.gather_compressed(b["cmp_key"], row, s, cfg)
+    v_cmp = paged.gather_compressed(b["cmp_value"], row, s, cfg)
+    _, lse = reference.score(q_rows, k_cmp, v_cmp, positions, cfg, D ** -0.5)
+    p_slc = reference.block_importance(q_rows, k_cmp, lse, positions, cfg.num_select_blocks(s),
+                                       cfg, D ** -0.5)
     return p_slc.reshape(p_slc.shape[0], num_kv_heads, -1, p_slc.shape[-1]).sum(2)
 
 
-def compare(name, q, b, qsl, gated, num_kv_heads, **hints):
-    out, idx = run_nsa(nsa_triton, q, b, qsl, gated, **hints)
+def compare(name, q, b, qsl, gated, num_kv_heads, cfg=CFG, **hints):
+    out, idx = run_nsa(nsa_triton, q, b, qsl, gated, cfg, **hints)
     torch.cuda.synchronize()
-    ref, ref_idx = run_nsa(paged, q, b, qsl, gated)
+    ref, ref_idx = run_nsa(paged, q, b, qsl, gated, cfg)
     unwritten = int(out.isnan().sum())
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     mismatch = (idx != ref_idx).any(-1)
@@ -133,11 +154,11 @@ def compare(name, q, b, qsl, gated, num_kv_heads, **hints):
         s = int(b["seq_lens"][r])
         pos = s - (starts[r + 1] - starts[r]) + (token - starts[r])
         scores = group_scores(q[token:token + 1], b, r, torch.tensor([pos], device=DEV),
-                              num_kv_heads)[0, head]
+                              num_kv_heads, cfg)[0, head]
         ours = set(idx[token, head].tolist()) - {-1}
         theirs = set(ref_idx[token, head].tolist()) - {-1}
         gap = abs(scores[list(ours - theirs)].min().item()
-                  - scores[list(theirs - ours)].max().item()) / scores.max().item()
+                  - scores[list(theirs - ours)].max().item()) / scores.abs().max().item()
         worst_gap = max(worst_gap, gap)
     ok = unwritten == 0 and rel < 1e-2 and worst_gap < 1e-3
     entry = dict(rel_err=rel, unwritten=unwritten, rows=int(mismatch.numel()),
@@ -146,6 +167,15 @@ def compare(name, q, b, qsl, gated, num_kv_heads, **hints):
         f"block-set mismatches={len(rows)}/{mismatch.numel()} (worst rel gap {worst_gap:.1e}) "
         f"{'OK' if ok else 'FAIL'}")
     return entry
+
+
+# (gated, config): the NSA checkpoints' gated mode, merged mode with the paper's scorer, and
+# merged mode with the dense-model default scorer.
+MODES = ((True, CFG), (False, CFG), (False, CFG_BOUNDS))
+
+
+def mode_name(gated, cfg):
+    return "gated" if gated else f"merged-{cfg.selection_score}"
 
 
 def correctness():
@@ -157,33 +187,35 @@ def correctness():
     q_lens = [1024, 1, 256, 1, 3000]
     for hq, h in ((32, 8), (64, 4)):
         b = paged_batch(seq_lens, h, gen_seed=hq)
-        # emission kernel vs twin on the same raw cache
-        ck, cv = torch.full_like(b["cmp_key"], float("nan")), torch.full_like(b["cmp_value"],
-                                                                             float("nan"))
-        paged.compress(b["key_cache"], b["value_cache"], ck, cv, b["table"],
-                       b["emit_req"], b["emit_index"], CFG)
-        cmp_err = max((ck.float() - b["cmp_key"].float()).nan_to_num().abs().max().item(),
-                      (cv.float() - b["cmp_value"].float()).nan_to_num().abs().max().item())
-        same_nan = bool(torch.equal(ck.isnan(), b["cmp_key"].isnan()))
-        log(f"  compress ({hq},{h}): max abs diff {cmp_err:.1e}, same slots {same_nan}")
-        res[f"compress_{hq}_{h}"] = dict(max_abs_diff=cmp_err, same_slots=same_nan,
-                                         ok=cmp_err < 1e-2 and same_nan)
+        # emission kernels vs twin on the same raw cache: compressed entries, key bounds
+        for prefix, cfg in (("", CFG), ("bounds_", CFG_BOUNDS)):
+            ck, cv = (torch.full_like(b[prefix + name], float("nan"))
+                      for name in ("cmp_key", "cmp_value"))
+            paged.compress(b["key_cache"], b["value_cache"], ck, cv, b["table"],
+                           b[prefix + "emit_req"], b[prefix + "emit_index"], cfg)
+            cmp_err = max((x.float() - b[prefix + name].float()).nan_to_num().abs().max().item()
+                          for x, name in ((ck, "cmp_key"), (cv, "cmp_value")))
+            same_nan = bool(torch.equal(ck.isnan(), b[prefix + "cmp_key"].isnan()))
+            log(f"  {cfg.selection_score} entries ({hq},{h}): max abs diff {cmp_err:.1e}, "
+                f"same slots {same_nan}")
+            res[f"compress_{cfg.selection_score}_{hq}_{h}"] = dict(
+                max_abs_diff=cmp_err, same_slots=same_nan, ok=cmp_err < 1e-2 and same_nan)
         qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32,
                            device=DEV)
         q = torch.randn(sum(q_lens), hq, D, device=DEV, dtype=DT)
-        for gated in (False, True):
-            mode = "gated" if gated else "merged"
+        for gated, cfg in MODES:
+            mode = mode_name(gated, cfg)
             res[f"mixed_{hq}_{h}_{mode}"] = compare(f"mixed batch ({hq},{h}) {mode}", q, b, qsl,
-                                                    gated, h)
+                                                    gated, h, cfg)
         # decode-only batch through the split scan (default split heuristic)
         dec = [8192, 32768, 65536, 12345]
         bd = paged_batch(dec, h, gen_seed=hq + 1)
         qd = torch.randn(len(dec), hq, D, device=DEV, dtype=DT)
         qsld = torch.arange(len(dec) + 1, dtype=torch.int32, device=DEV)
-        for gated in (False, True):
-            mode = "gated" if gated else "merged"
+        for gated, cfg in MODES:
+            mode = mode_name(gated, cfg)
             res[f"decode_{hq}_{h}_{mode}"] = compare(
-                f"decode batch ({hq},{h}) {mode} split", qd, bd, qsld, gated, h,
+                f"decode batch ({hq},{h}) {mode} split", qd, bd, qsld, gated, h, cfg,
                 max_query_len=1, scan_bound=65536)
         del b, bd
         torch.cuda.empty_cache()
@@ -266,12 +298,26 @@ def prefill(fa3, fla):
                 lambda: nsa_triton.nsa_paged_attention(*args, out3, True, plans[True]))
             row["nsa_merged_ms"] = bench(
                 lambda: nsa_triton.nsa_paged_attention(*args, out1, False, plans[False]))
+            # merged mode with the "bounds" scorer: a dense model's default
+            bounds_args = (*args[:3], b["bounds_cmp_key"], b["bounds_cmp_value"], *args[5:8],
+                           CFG_BOUNDS, D ** -0.5)
+            bounds_plan = nsa_triton.make_plan(q, b["key_cache"], b["value_cache"], b["table"],
+                                               qsl, CFG_BOUNDS, False, max_query_len=T,
+                                               scan_bound=T)
+
+            def nsa_bounds():
+                return nsa_triton.nsa_paged_attention(*bounds_args, out1, False, bounds_plan)
+            row["nsa_bounds_ms"] = bench(nsa_bounds)
             row["compress_ms"] = bench(lambda: nsa_triton.compress(
                 b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"], b["table"],
                 b["emit_req"], b["emit_index"], CFG))
+            row["write_bounds_ms"] = bench(lambda: nsa_triton.compress(
+                b["key_cache"], b["value_cache"], b["bounds_cmp_key"], b["bounds_cmp_value"],
+                b["table"], b["bounds_emit_req"], b["bounds_emit_index"], CFG_BOUNDS))
             if T == 65536:
                 row["breakdown_gated"] = kernel_breakdown(
                     lambda: nsa_triton.nsa_paged_attention(*args, out3, True, plans[True]))
+                row["breakdown_bounds"] = kernel_breakdown(nsa_bounds)
             # dense baselines on contiguous K/V of the same size
             k = torch.randn(T, h, D, device=DEV, dtype=DT)
             v = torch.randn_like(k)
@@ -300,13 +346,16 @@ def prefill(fa3, fla):
             row["nsa_tflops"] = row["nsa_flops"] / (row["nsa_gated_ms"] * 1e-3) / 1e12
             dense = row.get("fa3_ms", row["sdpa_ms"])
             row["speedup_vs_dense"] = dense / row["nsa_gated_ms"]
+            row["bounds_speedup_vs_dense"] = dense / row["nsa_bounds_ms"]
             log(f"  ({hq},{h}) T={T:6d}: NSA3 {row['nsa_gated_ms']:8.2f} ms  merged "
-                f"{row['nsa_merged_ms']:8.2f}  compress {row['compress_ms']:.2f}  "
+                f"{row['nsa_merged_ms']:8.2f}  bounds {row['nsa_bounds_ms']:8.2f} "
+                f"(x{row['bounds_speedup_vs_dense']:.2f})  compress {row['compress_ms']:.2f}  "
                 f"SDPA {row['sdpa_ms']:8.2f}  FA3 {row.get('fa3_ms', float('nan')):8.2f}  "
                 f"FLA {row.get('fla_nsa_ms', float('nan')):8.2f}  "
                 f"x{row['speedup_vs_dense']:.2f} vs dense  {row['nsa_tflops']:.0f} TFLOP/s")
             if "breakdown_gated" in row:
                 log(f"    kernels: {row['breakdown_gated']}")
+                log(f"    bounds: {row['breakdown_bounds']}")
             rows.append(row)
             torch.cuda.empty_cache()
             RESULTS["prefill"] = rows
@@ -332,17 +381,19 @@ def decode(fa3, copy_bw):
 
             plans = {}
 
-            def nsa(gated=True, num_splits=None):
-                # One plan per (mode, splits), made outside the timed region as the backend
-                # makes one per step.
-                if (gated, num_splits) not in plans:
-                    plans[gated, num_splits] = nsa_triton.make_plan(
-                        q, b["key_cache"], b["value_cache"], table, qsl, CFG, gated,
+            def nsa(gated=True, num_splits=None, cfg=CFG):
+                # One plan per (mode, splits, scorer), made outside the timed region as the
+                # backend makes one per step.
+                key = (gated, num_splits, cfg.selection_score)
+                if key not in plans:
+                    plans[key] = nsa_triton.make_plan(
+                        q, b["key_cache"], b["value_cache"], table, qsl, cfg, gated,
                         max_query_len=1, scan_bound=S, num_splits=num_splits)
+                prefix = "bounds_" if cfg.uses_bounds else ""
                 return nsa_triton.nsa_paged_attention(
-                    q, b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"], table,
-                    qsl, seq_lens, CFG, D ** -0.5, out if gated else out_merged, gated,
-                    plans[gated, num_splits])
+                    q, b["key_cache"], b["value_cache"], b[prefix + "cmp_key"],
+                    b[prefix + "cmp_value"], table, qsl, seq_lens, cfg, D ** -0.5,
+                    out if gated else out_merged, gated, plans[key])
 
             def graph_of(fn):
                 fn()
@@ -358,9 +409,13 @@ def decode(fa3, copy_bw):
             row["nsa_graph_ms"] = bench(graph.replay)
             # merged mode: what a dense Llama served with the NSA backend runs
             row["nsa_merged_graph_ms"] = bench(graph_of(lambda: nsa(False)).replay)
+            # merged mode with the "bounds" scorer: a dense model's default
+            row["nsa_bounds_graph_ms"] = bench(graph_of(lambda: nsa(False, cfg=CFG_BOUNDS)).replay)
             if S == 65536 and B == 8:
                 row["breakdown"] = kernel_breakdown(graph.replay)
                 row["breakdown_merged"] = kernel_breakdown(graph_of(lambda: nsa(False)).replay)
+                row["breakdown_bounds"] = kernel_breakdown(
+                    graph_of(lambda: nsa(False, cfg=CFG_BOUNDS)).replay)
                 # the split count's effect (default: _fill_splits)
                 row["merged_graph_ms_by_splits"] = {
                     n: bench(graph_of(lambda: nsa(False, num_splits=n)).replay)
@@ -373,24 +428,35 @@ def decode(fa3, copy_bw):
                                                   + counts["selected"] + counts["window"]) * 2
             row["achieved_GBps"] = row["table4_bytes"] / (row["nsa_graph_ms"] * 1e-3) / 1e9
             row["frac_copy_bw"] = row["achieved_GBps"] * 1e9 / copy_bw
+            # "bounds" merged: the kernels read the bounds, the selected blocks and the
+            # window tokens outside the selected local blocks (decode_read_counts, merged)
+            bounds_tokens = reference.decode_read_counts(S, CFG_BOUNDS)["total"]
+            row["bounds_bytes"] = B * h * bounds_tokens * 2 * D * 2
+            row["bounds_frac_copy_bw"] = (row["bounds_bytes"] / (row["nsa_bounds_graph_ms"]
+                                                                 * 1e-3) / copy_bw)
             if fa3 is not None:
                 try:
                     row["fa3_ms"] = bench(lambda: fa3.flash_attn_varlen_func(
                         q, b["key_cache"], b["value_cache"], 1, qsl, S, seqused_k=seq_lens,
                         block_table=table, causal=True, fa_version=3))
                     row["speedup_vs_fa3"] = row["fa3_ms"] / row["nsa_graph_ms"]
+                    row["bounds_speedup_vs_fa3"] = row["fa3_ms"] / row["nsa_bounds_graph_ms"]
                     dense_bytes = B * h * S * 2 * D * 2
                     row["fa3_frac_copy_bw"] = dense_bytes / (row["fa3_ms"] * 1e-3) / copy_bw
                 except Exception as exc:
                     log(f"  FA3 decode failed: {exc!r}")
             log(f"  B={B:2d} S={S:6d}: NSA graph {row['nsa_graph_ms'] * 1e3:8.1f} us  merged "
-                f"{row['nsa_merged_graph_ms'] * 1e3:8.1f} us  eager "
+                f"{row['nsa_merged_graph_ms'] * 1e3:8.1f} us  bounds "
+                f"{row['nsa_bounds_graph_ms'] * 1e3:8.1f} us "
+                f"(x{row.get('bounds_speedup_vs_fa3', math.nan):.2f}, "
+                f"{row['bounds_frac_copy_bw'] * 100:.0f}% of copy)  eager "
                 f"{row['nsa_eager_ms'] * 1e3:8.1f} us  FA3 {row.get('fa3_ms', math.nan) * 1e3:8.1f}"
                 f" us  x{row.get('speedup_vs_fa3', math.nan):.2f}  "
                 f"{row['achieved_GBps']:.0f} GB/s = {row['frac_copy_bw'] * 100:.0f}% of copy")
             if "breakdown" in row:
                 log(f"    kernels: {row['breakdown']}")
                 log(f"    merged: {row['breakdown_merged']}")
+                log(f"    bounds: {row['breakdown_bounds']}")
                 log(f"    merged by num_splits (ms): {row['merged_graph_ms_by_splits']}")
             rows.append(row)
             RESULTS["decode"] = rows
@@ -406,7 +472,8 @@ def compiled_variants():
     must be zero."""
     log("== compiled variants after warm-up: decode 1..40, prefill and mixed batches ==")
     kernels = {name: getattr(module, name)
-               for module in (compress, score, select, attend, combine) for name in dir(module)
+               for module in (compress, bounds, score, select, attend, combine)
+               for name in dir(module)
                if name.endswith("_kernel") and hasattr(getattr(module, name), "device_caches")}
 
     def counts():
@@ -417,10 +484,12 @@ def compiled_variants():
     b = paged_batch(contexts, h, gen_seed=9)
     table = torch.zeros(len(contexts), capacity // PAGE, dtype=torch.int32, device=DEV)
     table[:, :b["table"].shape[1]] = b["table"]
-    caches = (b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"])
     added = {}
-    for gated in (False, True):
-        nsa_triton.warm_up(*caches, hq, table.shape[1], CFG, gated)
+    for gated, cfg in MODES:
+        prefix = "bounds_" if cfg.uses_bounds else ""
+        caches = (b["key_cache"], b["value_cache"], b[prefix + "cmp_key"],
+                  b[prefix + "cmp_value"])
+        nsa_triton.warm_up(*caches, hq, table.shape[1], cfg, gated)
         start = counts()
         batches = [[1] * n for n in range(1, 41)] + [[2048], [300, 1, 1], [1, 64, 1, 1, 5000],
                                                     [17], [1, 1, 1, 4096]]
@@ -430,13 +499,13 @@ def compiled_variants():
                                dtype=torch.int32, device=DEV)
             q = torch.randn(int(qsl[-1]), hq, D, device=DEV, dtype=DT)
             shape = (q.shape[0], hq, 3, D) if gated else (q.shape[0], hq, D)
-            plan = nsa_triton.make_plan(q, caches[0], caches[1], table[:num], qsl, CFG, gated,
+            plan = nsa_triton.make_plan(q, caches[0], caches[1], table[:num], qsl, cfg, gated,
                                         max_query_len=max(query_lens), scan_bound=capacity)
             nsa_triton.nsa_paged_attention(
-                q, *caches, table[:num], qsl, b["seq_lens"][:num], CFG, D ** -0.5,
+                q, *caches, table[:num], qsl, b["seq_lens"][:num], cfg, D ** -0.5,
                 torch.empty(shape, device=DEV, dtype=DT), gated, plan)
         torch.cuda.synchronize()
-        added.update({f"{name}{' gated' if gated else ''}": n - start[name]
+        added.update({f"{name} {mode_name(gated, cfg)}": n - start[name]
                       for name, n in counts().items() if n - start[name]})
     log(f"  new compiled variants per kernel after warm-up: {added or 'none'}")
     return added
@@ -449,7 +518,7 @@ def host_time():
     log("== host time per layer, eager mixed batch (plan made once per step) ==")
     hq, h = 32, 8
     rows = {}
-    for gated in (False, True):
+    for gated, cfg in MODES:
         query_lens = [1] * 8 + [64]
         b = paged_batch([2048] * len(query_lens), h, gen_seed=3)
         qsl = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(),
@@ -457,14 +526,16 @@ def host_time():
         q = torch.randn(int(qsl[-1]), hq, D, device=DEV, dtype=DT)
         out = torch.empty((q.shape[0], hq, 3, D) if gated else (q.shape[0], hq, D),
                           device=DEV, dtype=DT)
-        emit_req, emit_index = b["emit_req"][:64], b["emit_index"][:64]
-        caches = (b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"])
+        prefix = "bounds_" if cfg.uses_bounds else ""
+        emit_req, emit_index = b[prefix + "emit_req"][:64], b[prefix + "emit_index"][:64]
+        caches = (b["key_cache"], b["value_cache"], b[prefix + "cmp_key"],
+                  b[prefix + "cmp_value"])
 
         def layer(plan):
-            nsa_triton.compress(*caches, b["table"], emit_req, emit_index, CFG)
-            nsa_triton.nsa_paged_attention(q, *caches, b["table"], qsl, b["seq_lens"], CFG,
+            nsa_triton.compress(*caches, b["table"], emit_req, emit_index, cfg)
+            nsa_triton.nsa_paged_attention(q, *caches, b["table"], qsl, b["seq_lens"], cfg,
                                            D ** -0.5, out, gated, plan)
-        plan = nsa_triton.make_plan(q, caches[0], caches[1], b["table"], qsl, CFG, gated,
+        plan = nsa_triton.make_plan(q, caches[0], caches[1], b["table"], qsl, cfg, gated,
                                     max_query_len=max(query_lens), scan_bound=2048)
         for _ in range(3):
             layer(plan)
@@ -477,10 +548,10 @@ def host_time():
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(20):
-            nsa_triton.make_plan(q, caches[0], caches[1], b["table"], qsl, CFG, gated,
+            nsa_triton.make_plan(q, caches[0], caches[1], b["table"], qsl, cfg, gated,
                                  max_query_len=max(query_lens), scan_bound=2048)
         plan_us = (time.perf_counter() - start) / 20 * 1e6
-        mode = "gated" if gated else "merged"
+        mode = mode_name(gated, cfg)
         rows[mode] = dict(layer_host_us=host_us, plan_host_us=plan_us)
         log(f"  {mode}: {host_us:.1f} us per layer (host), plan {plan_us:.1f} us per step")
     return rows
