@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 
-from vllm_nsa.engine_runner import nsa_args, start_engine
+from vllm_nsa.engine_runner import count_graph_replays, nsa_args, start_engine
 
 PROMPT_LENGTHS = (37, 300, 777, 1500, 2200, 3100)
 MAX_TOKENS = (40, 33, 25, 18, 40, 9)
@@ -40,26 +40,9 @@ def engine_job(model_dir: str, kind: str, mode: str) -> dict:
     """One engine in this process: greedy tokens, sampled logprobs, graph replay counts."""
     import random
 
-    import torch
-
     from vllm import SamplingParams
-    from vllm.v1.worker.gpu import cudagraph_utils
 
-    replays = {"graph": 0, "full": 0}
-    graph_replay = torch.cuda.CUDAGraph.replay
-    full_replay = cudagraph_utils.CudaGraphManager.run_fullgraph
-
-    def counted_graph_replay(self, *args, **kwargs):
-        replays["graph"] += 1
-        return graph_replay(self, *args, **kwargs)
-
-    def counted_full_replay(self, *args, **kwargs):
-        replays["full"] += 1
-        return full_replay(self, *args, **kwargs)
-
-    torch.cuda.CUDAGraph.replay = counted_graph_replay
-    cudagraph_utils.CudaGraphManager.run_fullgraph = counted_full_replay
-
+    replays = count_graph_replays()
     kwargs = dict(model=model_dir, dtype="float32", max_model_len=4096, block_size=64,
                   max_num_seqs=8, seed=0, gpu_memory_utilization=0.5,
                   **(nsa_args(LLAMA_NSA) if kind == "llama" else {"attention_backend": "NSA"}))

@@ -51,6 +51,7 @@ from vllm_nsa.engine_runner import (  # noqa: E402
     engine_kwargs,
     nsa_args,
     run_isolated,
+    run_job,
     start_engine,
 )
 
@@ -361,10 +362,7 @@ def main() -> int:
     parser.add_argument("--worker", nargs=2, metavar=("JOB", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        job_path, result_path = args.worker
-        result = engine_job(json.loads(Path(job_path).read_text()))
-        Path(result_path).write_text(json.dumps(result))
-        return 0
+        return run_job(engine_job, *args.worker)
     args.model = str(Path(args.model).resolve())
     if args.write_reference:
         args.timeout = args.timeout or 3600

@@ -1,6 +1,7 @@
 """How this project's tests, evals and benchmarks start vLLM engines (the one owner):
 the keyword arguments that serve a model with NSA, this machine's defaults, starting and
-stopping an engine, and running an engine job in a process of its own.
+stopping an engine (`LLM`, or an engine core in this process), running an engine job in a
+process of its own, and counting an engine's CUDA-graph replays.
 
 Importing this module does not import vLLM.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +21,11 @@ from typing import Any
 # cache (its default 0.92 fails at start on these machines), and torch.compile costs
 # minutes of warm-up on 2 cores.
 CPU_DEFAULTS = {"gpu_memory_utilization": 0.3, "enforce_eager": True}
+# The in-process engines' defaults (`start_inprocess_engine`; the tests' equality engines
+# too): float32, eager, reproducible; 32-token pages (CPU_ATTN needs a multiple of 32, NSA
+# one of compress_stride).
+INPROCESS_DEFAULTS = {"dtype": "float32", "max_model_len": 2048, "block_size": 32, "seed": 0,
+                      "enforce_eager": True}
 # NSA's CPU prefill of a multi-thousand-token chunk can outlast vLLM's default 300 s limit
 # on one model step (2 shared cores); the engine then dies with "RPC call timed out". Set
 # in the environment before the engine starts.
@@ -98,3 +105,105 @@ def run_isolated(command: list[str], *, env: Mapping[str, str], log_path: str | 
             proc.wait()
             return f"timed out after {timeout:g} s"
     return f"exited with status {returncode}" if returncode else None
+
+
+def run_job(job_fn, job_path: str | Path, result_path: str | Path) -> int:
+    """The job process's side of `run_isolated`: `job_fn` of the JSON job in job_path,
+    its JSON result written to result_path."""
+    result = job_fn(json.loads(Path(job_path).read_text()))
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+# ------------------------------------------------------------------ in-process engines
+# `LLM` runs its engine core in a child process. The scheduler fuzz needs the scheduler,
+# the block pool and the KV cache tensors in its own process: `start_inprocess_engine`
+# builds vLLM's LLMEngine with the engine core in-process (what VLLM_ENABLE_V1_
+# MULTIPROCESSING=0 gives); `vllm_nsa.scheduler_fuzz.EngineInternals` names the objects.
+INPROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def start_inprocess_engine(model, **kwargs: Any):
+    """A vLLM LLMEngine whose EngineCore (scheduler, worker, KV cache) runs in this
+    process; drive it with add_request / abort_request / step; stop it with
+    `stop_inprocess_engine`. `kwargs` over INPROCESS_DEFAULTS."""
+    import torch
+
+    from vllm import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.executor import Executor
+
+    saved = {"env": os.environ.get(INPROCESS_ENV), "threads": torch.get_num_threads(),
+             "set_num_threads": torch.set_num_threads}
+    # vLLM's CPU platform picks its single-process executor only under this setting.
+    os.environ[INPROCESS_ENV] = "0"
+    try:
+        vllm_config = EngineArgs(model=str(model), **(INPROCESS_DEFAULTS | kwargs)
+                                 ).create_engine_config(UsageContext.ENGINE_CONTEXT)
+        engine = LLMEngine(vllm_config=vllm_config,
+                           executor_class=Executor.get_class(vllm_config),
+                           log_stats=False, multiprocess_mode=False)
+    except BaseException:
+        _restore_process(saved)
+        raise
+    # vLLM's CPU worker replaces torch.set_num_threads (process-wide) by a no-op before
+    # its own "reduce Torch threads to 1 for serving" runs, so in-process the engine kept
+    # every core's OpenMP thread: spin-waiting on a shared 2-core machine made each step
+    # 3-20x slower. One thread, as a vLLM engine process runs.
+    saved["set_num_threads"](1)
+    engine._nsa_saved = saved
+    return engine
+
+
+def _restore_process(saved):
+    import torch
+
+    import vllm.envs
+
+    if saved["env"] is None:
+        os.environ.pop(INPROCESS_ENV, None)
+    else:
+        os.environ[INPROCESS_ENV] = saved["env"]
+    vllm.envs.disable_envs_cache()    # an engine core froze os.environ's vLLM variables
+    torch.set_num_threads = saved["set_num_threads"]
+    torch.set_num_threads(saved["threads"])
+
+
+def stop_inprocess_engine(engine) -> None:
+    """Shut the engine down and undo the process-wide state an in-process engine core
+    leaves behind (vLLM's environment-variable cache, torch's thread setting)."""
+    try:
+        engine.engine_core.shutdown()
+    finally:
+        _restore_process(engine._nsa_saved)
+        gc.collect()
+
+
+# ------------------------------------------------------------------ CUDA graphs
+def count_graph_replays() -> dict[str, int]:
+    """Counters of the CUDA-graph replays in this process from now on, kept up to date:
+    "graph", every replay (piecewise pieces and full graphs); "full", the full-graph
+    replays of vLLM's (V2) model runner. They stay 0 without CUDA. Call before the engine
+    starts."""
+    import torch
+
+    replays = {"graph": 0, "full": 0}
+    if not torch.cuda.is_available():
+        return replays
+    from vllm.v1.worker.gpu import cudagraph_utils
+
+    graph_replay = torch.cuda.CUDAGraph.replay
+    full_replay = cudagraph_utils.CudaGraphManager.run_fullgraph
+
+    def counted_graph_replay(self, *args, **kwargs):
+        replays["graph"] += 1
+        return graph_replay(self, *args, **kwargs)
+
+    def counted_full_replay(self, *args, **kwargs):
+        replays["full"] += 1
+        return full_replay(self, *args, **kwargs)
+
+    torch.cuda.CUDAGraph.replay = counted_graph_replay
+    cudagraph_utils.CudaGraphManager.run_fullgraph = counted_full_replay
+    return replays
