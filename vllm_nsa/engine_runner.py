@@ -89,22 +89,40 @@ def run_engine(model: str, prompts, sampling, **kwargs: Any) -> list:
     return outputs
 
 
-def run_isolated(command: list[str], *, env: Mapping[str, str], log_path: str | Path,
-                 timeout: float, cwd: str | Path | None = None) -> str | None:
-    """Run one engine job (`command`) in a process of its own, output to `log_path`: a
-    second engine in one process does not reliably free GPU memory. On a timeout the job's
-    whole process group is killed (its engine-core child too, which would otherwise keep
-    its memory). Returns None on success, else why it failed."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, env=dict(env), cwd=cwd, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            returncode = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return f"timed out after {timeout:g} s"
+def start_isolated(command: list[str], *, env: Mapping[str, str],
+                   log_path: str | Path | None, cwd: str | Path | None = None
+                   ) -> subprocess.Popen:
+    """Start one engine job (`command`) in a process of its own and a new process group,
+    output to `log_path` (None: this process's stdout and stderr)."""
+    log = open(log_path, "w") if log_path else None
+    try:
+        return subprocess.Popen(command, env=dict(env), cwd=cwd, stdout=log,
+                                stderr=subprocess.STDOUT if log else None,
+                                start_new_session=True)
+    finally:
+        if log:
+            log.close()  # the child holds its own descriptor
+
+
+def wait_isolated(proc: subprocess.Popen, timeout: float | None) -> str | None:
+    """Wait for a job from `start_isolated`. On a timeout its whole process group is
+    killed (its engine-core child too, which would otherwise keep its memory). Returns
+    None on success, else why it failed."""
+    try:
+        returncode = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return f"timed out after {timeout:g} s"
     return f"exited with status {returncode}" if returncode else None
+
+
+def run_isolated(command: list[str], *, env: Mapping[str, str], log_path: str | Path | None,
+                 timeout: float | None, cwd: str | Path | None = None) -> str | None:
+    """Run one engine job (`command`) in a process of its own: a second engine in one
+    process does not reliably free GPU memory. Returns None on success, else why it
+    failed (`wait_isolated`)."""
+    return wait_isolated(start_isolated(command, env=env, log_path=log_path, cwd=cwd), timeout)
 
 
 def run_job(job_fn, job_path: str | Path, result_path: str | Path) -> int:

@@ -9,6 +9,7 @@ Needs `gguf` and `accelerate` (the project's [eval] extra) only when it converts
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -59,6 +60,16 @@ def prepare_smollm2(out_dir: str | os.PathLike = DEFAULT_DIR) -> Path:
     tokenizer.save_pretrained(out)
     marker.write_text(json.dumps(stamp))
     return out
+
+
+def checkpoint_sha256(model_dir: str | os.PathLike) -> str:
+    """sha256 over the checkpoint's *.safetensors, in name order (which weights ran)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def main() -> None:

@@ -175,7 +175,9 @@ def write_jsonl(tokenizer, task: str, context_length: int, data_dir: Path | None
     if not path.is_file():
         docs = generate_docs(tokenizer, task, context_length, **options)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        # A temporary name of this process's own: runners that start several engines at
+        # once may write the same file concurrently (same content, one rename wins).
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
         tmp.replace(path)
     return path
