@@ -47,6 +47,7 @@ import tempfile
 import time
 
 from vllm_nsa.engine_runner import run_isolated, start_engine, stop_engine
+from vllm_nsa.provenance import device_name, git_commit, versions
 from vllm_nsa.read_stats import STATS_FILE_ENV, config_in_force, read_lines
 
 SHAPES = {
@@ -253,14 +254,6 @@ def summarize_profile(profile_dir: str, steps: int, wall_s: float, ctx: int,
             "longest_gaps_ms": [(round(g / 1e3, 2), a, b) for g, a, b in gaps]}
 
 
-def device_name() -> str:
-    try:
-        import torch
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    except Exception:  # noqa: BLE001  (the name is informational)
-        return "unknown"
-
-
 def print_table(results: list[dict]) -> None:
     by_key = {(r["shape"], r["backend"]): r for r in results}
     print(f"\n{'shape':<8} {'backend':<10} {'start s':>7} {'KV tokens':>10} {'ctx':>6} "
@@ -286,20 +279,10 @@ def print_table(results: list[dict]) -> None:
             print(f"\nprofile {r['shape']} {r['backend']}: {json.dumps(r['profile'], indent=1)}")
 
 
-def versions() -> dict:
-    found = {}
-    for name in ("vllm", "torch", "triton"):
-        try:
-            found[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001  (informational)
-            found[name] = None
-    return found
-
-
 def write_summary(args, results: list[dict], failures: list[str]) -> None:
     summary = {"device": device_name(), "date": datetime.date.today().isoformat(),
                # the GPU machine gets the work tree without .git: the caller passes it
-               "git_commit": os.environ.get("GIT_COMMIT", "unknown"), "versions": versions(),
+               "git_commit": git_commit(), "versions": versions(),
                "decode_rounds": DECODE_ROUNDS,
                "decode_steps": args.decode_steps, "results": results, "failures": failures}
     with open(os.path.join(args.out, f"e2e_{'_'.join(args.shapes)}.json"), "w") as f:

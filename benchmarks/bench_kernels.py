@@ -51,6 +51,7 @@ from vllm_nsa.kernels.triton import (  # noqa: E402
     score,
     select,
 )
+from vllm_nsa.provenance import git_commit  # noqa: E402
 
 CFG = NSAConfig()  # paper: l=32, d=16, l'=64, n=16, w=512; the NSA checkpoints' scorer
 # What a dense model served with the NSA backend gets with no flags: the paper's parameters
@@ -569,8 +570,7 @@ def main():
     RESULTS["device"] = torch.cuda.get_device_name()
     RESULTS["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     RESULTS["versions"] = dict(torch=torch.__version__, triton=triton.__version__)
-    # The GPU machine gets the work tree without .git: the caller passes the commit.
-    RESULTS["git_commit"] = os.environ.get("GIT_COMMIT", "unknown")
+    RESULTS["git_commit"] = git_commit()
     RESULTS["config"] = dict(l=CFG.compress_block, d=CFG.compress_stride, lp=CFG.select_block,
                              n=CFG.select_topk, w=CFG.window, D=D, page=PAGE, dtype=str(DT))
     log(f"device {RESULTS['device']}  torch {torch.__version__}  triton {triton.__version__}")

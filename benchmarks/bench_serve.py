@@ -65,7 +65,8 @@ import tempfile
 import time
 import urllib.request
 
-from bench_e2e import SHAPES, device_name, write_model_dir
+from bench_e2e import SHAPES, write_model_dir
+from vllm_nsa.provenance import device_name
 from vllm_nsa.read_stats import STATS_FILE_ENV, read_lines
 
 DENSE_BACKENDS = ("FLASH_ATTN", "CPU_ATTN")   # the ratio baseline: FLASH_ATTN on GPU

@@ -41,7 +41,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Appended, not prepended: the repo's top-level kernels/ must not shadow the PyPI package.
 sys.path.append(str(REPO_ROOT))
 
-from bench_e2e import device_name, versions  # noqa: E402  (this script's directory)
 
 try:
     from vllm_nsa import scheduler_fuzz as fuzz
@@ -63,6 +61,7 @@ try:
         start_inprocess_engine,
         stop_inprocess_engine,
     )
+    from vllm_nsa.provenance import device_name, git_commit, versions
 except ImportError as error:  # an installed vllm_nsa older than this script
     raise SystemExit(f"{error}: install vllm_nsa from this checkout ({REPO_ROOT})") from None
 
@@ -225,16 +224,6 @@ def print_table(rows: list[dict]) -> None:
               f"{row['near_tie_requests']:>4} {row['audit_errors']:>5} "
               f"{c['free_blocks_at_end']:>5}/{c['blocks']:<5} {graphs:>15} "
               f"{row['max_abs_logprob_diff']:>8.1e} {row['seconds']:>5.0f}")
-
-
-def git_commit() -> str:
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def slug(text: str) -> str:

@@ -20,13 +20,15 @@ tokens for both models.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
-import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
-from vllm_nsa.engine_runner import count_graph_replays, nsa_args, start_engine
+from vllm_nsa.engine_runner import count_graph_replays, nsa_args, run_isolated, start_engine
+from vllm_nsa.provenance import device_name, git_commit, versions
 
 PROMPT_LENGTHS = (37, 300, 777, 1500, 2200, 3100)
 MAX_TOKENS = (40, 33, 25, 18, 40, 9)
@@ -43,8 +45,11 @@ def engine_job(model_dir: str, kind: str, mode: str) -> dict:
     from vllm import SamplingParams
 
     replays = count_graph_replays()
+    # All six engines share the GPU at once: each takes a small fixed KV cache, so no
+    # engine's memory profiling sees another's allocations.
     kwargs = dict(model=model_dir, dtype="float32", max_model_len=4096, block_size=64,
-                  max_num_seqs=8, seed=0, gpu_memory_utilization=0.5,
+                  max_num_seqs=8, seed=0, gpu_memory_utilization=0.1,
+                  kv_cache_memory_bytes=512 << 20,
                   **(nsa_args(LLAMA_NSA) if kind == "llama" else {"attention_backend": "NSA"}))
     if mode == "EAGER":
         kwargs["enforce_eager"] = True
@@ -100,6 +105,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--parallel", type=int, default=len(MODES) * 2,
+                        help="engines at once (default: all six)")
+    parser.add_argument("--timeout", type=float, default=480, help="seconds per engine")
     parser.add_argument("--worker", nargs=4, metavar=("MODEL_DIR", "KIND", "MODE", "JSON"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -113,20 +121,30 @@ def main() -> int:
     env = os.environ | {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     results, ok = {}, True
     with tempfile.TemporaryDirectory() as root:
-        for kind, model_dir in build_models(root).items():
-            runs = {}
-            for mode in MODES:
-                path = os.path.join(root, f"{kind}_{mode}.json")
-                proc = subprocess.run([sys.executable, __file__, "--worker", model_dir, kind,
-                                       mode, path], env=env)
-                if proc.returncode:
-                    print(f"{kind} {mode}: engine failed (rc {proc.returncode})", flush=True)
-                    ok = False
-                    continue
-                with open(path) as f:
-                    runs[mode] = json.load(f)
-            results[kind] = runs
+        jobs = [(kind, model_dir, mode) for kind, model_dir in build_models(root).items()
+                for mode in MODES]
+
+        def run(job):
+            kind, model_dir, mode = job
+            path = os.path.join(root, f"{kind}_{mode}.json")
+            error = run_isolated([sys.executable, __file__, "--worker", model_dir, kind, mode,
+                                  path], env=env, timeout=args.timeout,
+                                 log_path=os.path.join(args.out, f"cudagraph_{kind}_{mode}.log"))
+            if error:
+                print(f"{kind} {mode}: engine failed ({error})", flush=True)
+                return None
+            with open(path) as f:
+                return json.load(f)
+        # One process per engine, all at once (each engine start is mostly compilation).
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            done = dict(zip(jobs, pool.map(run, jobs)))
+        for kind, _, mode in jobs:
+            ok &= done[kind, _, mode] is not None
+            if done[kind, _, mode] is not None:
+                results.setdefault(kind, {})[mode] = done[kind, _, mode]
+        for kind, runs in results.items():
             if "PIECEWISE" not in runs:
+                ok = False
                 continue
             for mode in ("FULL_AND_PIECEWISE", "EAGER"):
                 if mode in runs:
@@ -134,8 +152,12 @@ def main() -> int:
             full = runs.get("FULL_AND_PIECEWISE")
             ok &= bool(full and full["vs_piecewise"]["tokens_equal"]
                        and full["full_graph_replays"] > 0)
-    with open(os.path.join(args.out, "cudagraph_decode_check.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    summary = {"device": device_name(), "date": datetime.date.today().isoformat(),
+               "git_commit": git_commit(), "versions": versions(), "passed": ok,
+               "results": results}
+    name = f"cudagraph_decode_check_{device_name().replace(' ', '_')}.json"
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump(summary, f, indent=1)
     print(f"\n{'model':<6} {'mode':<19} {'graph replays':>13} {'full replays':>12} "
           f"{'tokens = PIECEWISE':>18} {'max |dlogprob|':>14}")
     for kind, runs in results.items():

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tarfile
 import time
@@ -65,6 +64,7 @@ from vllm_nsa.engine_runner import (  # noqa: E402
     start_isolated,
     wait_isolated,
 )
+from vllm_nsa.provenance import git_commit  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASKS = ("passkey", "niah")
@@ -202,21 +202,6 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
 
 
 # ------------------------------------------------------------------ worker side
-def git_commit() -> str | None:
-    """$GIT_COMMIT (a tree copied without .git), else the checkout's HEAD (+"-dirty")."""
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("-dirty" if dirty else "")
-
-
 def environment() -> dict:
     """Where a worker ran: date, commit, device, versions."""
     from vllm.platforms import current_platform
