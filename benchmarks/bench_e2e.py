@@ -69,7 +69,8 @@ STALL_TOLERANCE = 0.10   # a round this far from the median step is reported as 
 KERNEL_GROUPS = (
     ("NSA score", ("_score_kernel",)),
     ("NSA select", ("_select_kernel", "_merge_topk_kernel", "_select_decode_kernel",
-                    "_select_bounds_kernel", "_select_bounds_decode_kernel")),
+                    "_select_bounds_kernel", "_score_bounds_decode_kernel",
+                    "_select_bounds_decode_kernel")),
     ("NSA attend", ("_attend_kernel",)),
     ("NSA combine", ("_combine_kernel",)),
     ("NSA compress", ("_compress_kernel", "_bounds_kernel")),

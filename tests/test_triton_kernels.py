@@ -394,6 +394,50 @@ def test_bounds_decode_batch_matches_twin(group, scan_bound):
     torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("group, num_splits", [(3, 2), (1, 4)])
+def test_bounds_decode_split_scan_matches_twin(group, num_splits):
+    """All-decode bounds batch whose scan is split (each program scores its share of its
+    own request's scan tiles of BB = 16 blocks, 1024 tokens): requests of 1 to 3 tiles
+    (shares of 2+1 and 1+1+1+none), one of at most n*l' tokens (nothing scored), an idle
+    one, a NaN query, padding tokens. Scores land inside each row's blocks only (the
+    scratch is NaN-poisoned); block sets equal the twin's."""
+    cfg = bounds_config("paper")
+    seq_lens = [3000, 200, 1100, 77, 700, 2100]
+    query_lens = [1, 1, 1, 0, 1, 1]
+    num_padding = 2
+    _, key_cache, value_cache, caches, table, q, qsl = build_bounds_caches(
+        cfg, H * group, 32, torch.float32, 6, seq_lens, query_lens)
+    num_real = q.shape[0]
+    q = torch.cat([q, torch.randn(num_padding, *q.shape[1:])])
+    q[2] = float("nan")                              # the 1100-token request's query
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    results = {}
+    for name, impl in (("twin", paged), ("triton", triton_nsa)):
+        out = torch.full((q.shape[0], H * group, D), float("nan"))
+        plan = impl.make_plan(q, key_cache, value_cache, table, qsl, cfg, False,
+                              max_query_len=1, num_splits=num_splits)
+        if plan is not None:
+            assert plan.scan_splits == num_splits and plan.select_tile_blocks == 16
+            plan.block_scores.fill_(float("nan"))
+            scratch = plan.block_scores
+        idx = impl.nsa_paged_attention(q, key_cache, value_cache, *caches[name], table, qsl,
+                                       lens, cfg, D ** -0.5, out, False, plan)
+        results[name] = (out, idx)
+    (twin_out, twin_idx), (out, idx) = results["twin"], results["triton"]
+    assert torch.equal(idx, twin_idx)
+    assert (idx[num_real:] == -1).all()
+    assert out[num_real:].isnan().all()              # padding rows are not written
+    assert out[2].isnan().all() and not out[:num_real][[0, 1, 3, 4]].isnan().any()
+    torch.testing.assert_close(out[:num_real], twin_out[:num_real], atol=2e-5, rtol=1e-5,
+                               equal_nan=True)
+    requests = [r for r, n in enumerate(query_lens) if n]
+    for token in range(q.shape[0]):
+        num_blocks = ((seq_lens[requests[token]] - 1) // 64 + 1) if token < num_real else 0
+        scored = num_blocks if num_blocks > cfg.select_topk else 0
+        assert not scratch[token, :, :scored].isnan().any(), token
+        assert scratch[token, :, scored:].isnan().all(), token
+
+
 @pytest.mark.parametrize("decode", [False, True])
 def test_bounds_select_a_planted_exact_match(decode):
     """A block holding a key equal to the group's query is selected by the kernels at

@@ -90,7 +90,8 @@ class StepPlan:
     select_tile_entries: int  # BC: compressed entries per scan tile (BB * l' / d)
     scan_tiles: int          # scan tiles covering scan_bound
     scan_splits: int         # programs sharing one query tile's scan (each takes its share
-                             # of the tiles its own request reaches)
+                             # of the tiles its own request reaches; "bounds" decode: of
+                             # one (token, KV head)'s bounds)
     lse: torch.Tensor        # [N, HQ] float32: the score stage's output
     score_parts: Partials | None     # scan split: partials for combine
     # Decode selection scratch, rows sized by the block table's capacity, so no context
@@ -100,7 +101,7 @@ class StepPlan:
     own_sums: torch.Tensor | None     # [N, HQ, blocks_row] block sums of each scan tile
     spill_sums: torch.Tensor | None   # [N, HQ, blocks_row] their spill into the next block
     tile_max: torch.Tensor | None     # [N, HQ, tiles_row] their reference max
-    block_scores: torch.Tensor | None  # [N, H, blocks_row] group importance
+    block_scores: torch.Tensor | None  # [N, H, blocks_row] group importance or bounds
     select_candidates: torch.Tensor | None  # prefill scan split: [N, H, splits, BB] top keys
     # attend: selected tiles then window tiles of block_k keys, per (token, KV head)
     attend_rows: int
@@ -170,15 +171,19 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
                                             device)
     tiles_row = -(-config.num_select_blocks(block_table.shape[1] * page_size) // tile_blocks)
     blocks_row = tiles_row * tile_blocks
+    # The "bounds" scorer runs no score stage: no block sums, no score partials.
+    score_stage = config.uses_compressed
     decode_scratch = dict(own_sums=None, spill_sums=None, tile_max=None, block_scores=None)
     if decode:
-        decode_scratch = dict(
+        decode_scratch["block_scores"] = torch.empty((num_tokens, num_kv_heads, blocks_row),
+                                                     **f32)
+    if decode and score_stage:
+        decode_scratch.update(
             own_sums=torch.empty((num_tokens, num_heads, blocks_row), **f32),
             spill_sums=torch.empty((num_tokens, num_heads, blocks_row), **f32),
-            tile_max=torch.empty((num_tokens, num_heads, tiles_row), **f32),
-            block_scores=torch.empty((num_tokens, num_kv_heads, blocks_row), **f32))
+            tile_max=torch.empty((num_tokens, num_heads, tiles_row), **f32))
     score_parts = (Partials.empty(num_tokens, num_heads, 1, scan_splits, value_dim, gated,
-                                  device) if scan_splits > 1 else None)
+                                  device) if scan_splits > 1 and score_stage else None)
     select_candidates = None
     if scan_splits > 1 and not decode:
         select_candidates = torch.empty((num_tokens, num_kv_heads, scan_splits, tile_blocks),

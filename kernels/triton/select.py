@@ -7,6 +7,11 @@ Prefill (`_select_kernel`) rescans the compressed keys and keeps a running top-n
 `_merge_topk_kernel`. Decode (`_select_decode_kernel`) reads no compressed key: it turns the
 score stage's per-tile block sums into block importance under the final LSE and picks the
 top-n by bisecting the n-th score's bit pattern.
+
+The "bounds" scorer (merged mode, no score stage) scores blocks by the group's Quest bound:
+prefill tiles in `_select_bounds_kernel` (running top-n as `_select_kernel`); decode in two
+launches, `_score_bounds_decode_kernel` (the scan split over programs per row, scores into
+the plan's scratch row) and `_select_bounds_decode_kernel` (the same bisection per row).
 """
 from __future__ import annotations
 
@@ -63,6 +68,15 @@ def _bounds_keys(ranked, blocks):
     lower block first among equal scores); always >= 0 (-1 marks a non-candidate)."""
     order = _ordered(ranked).to(tl.int64) + 2147483648
     return (order << 31) | (0x7FFFFFFF - blocks).to(tl.int64)
+
+
+@triton.jit
+def _decode_position(qsl_ptr, seq_lens_ptr, req, token):
+    """Position of query token `token` of request `req` (its query tokens are the last
+    of its seq_len tokens)."""
+    q_begin = tl.load(qsl_ptr + req)
+    q_len = tl.load(qsl_ptr + req + 1) - q_begin
+    return tl.load(seq_lens_ptr + req) - q_len + (token - q_begin)
 
 
 @triton.jit
@@ -279,9 +293,7 @@ def _select_decode_kernel(
     req = request_of(qsl_ptr, num_reqs, token)
     if req < 0:
         return
-    q_begin = tl.load(qsl_ptr + req)
-    q_len = tl.load(qsl_ptr + req + 1) - q_begin
-    position = tl.load(seq_lens_ptr + req) - q_len + (token - q_begin)
+    position = _decode_position(qsl_ptr, seq_lens_ptr, req, token)
     current_block = position // SELECT_BLOCK
     num_blocks = current_block + 1
     # Scan tiles the score stage wrote for this row; later tiles hold no visible entry. At
@@ -483,63 +495,88 @@ def _select_bounds_kernel(
                  mask=tok_valid[:, None])
 
 
-@triton.jit(do_not_specialize=["num_reqs"])
-def _select_bounds_decode_kernel(
+@triton.jit(do_not_specialize=["num_reqs", "num_splits"])
+def _score_bounds_decode_kernel(
         q_ptr,              # [N, HQ, D]
         min_ptr,            # [P, bounds_per_page, H, D]
         max_ptr,            # [P, bounds_per_page, H, D]
         table_ptr,          # [R, max_pages] int32
         qsl_ptr,            # [R+1] int32 query_start_loc
         seq_lens_ptr,       # [R] int32
-        block_scores_ptr,   # [N, H, blocks_row] float32 scratch: group scores
-        indices_ptr,        # [N, H, TOPK] int32 out, pre-filled with -1
+        block_scores_ptr,   # [N, H, blocks_row] float32 out: group bounds
         q_tok, q_head, mn_page, mn_slot, mn_head, mx_page, mx_slot, mx_head, table_row,
         blocks_row, num_reqs, num_kv_heads,
+        num_splits,         # programs sharing one row's blocks
         scale,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         SELECT_BLOCK: tl.constexpr, TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr,
-        LOCAL_BLOCKS: tl.constexpr, CHUNK: tl.constexpr):
-    """Grid (N, H), decode, "bounds" scorer: one program owns one (token, KV head). The
-    group's summed bound of each of its non-forced complete blocks, CHUNK blocks at a time
-    (forced blocks +inf, read nothing), into the scratch row, then `_top_n_of_row` over
-    signed scores. At most n candidates: every block, nothing read. Padding tokens are
-    skipped. Mirrors paged.select_bounds."""
+        LOCAL_BLOCKS: tl.constexpr,
+        BB: tl.constexpr):  # selection blocks per scan tile
+    """Grid (N, H, num_splits), decode, "bounds" scorer: one program owns one (token, KV
+    head) x the split'th share of the scan tiles of BB blocks its row reaches (shares
+    follow each request's own context; splits past them exit): the group's summed bound of
+    each non-forced complete block (forced blocks +inf, read nothing; NaN -inf) into the
+    scratch row, every store inside the row. Rows of at most n candidates read and write
+    nothing (`_select_bounds_decode_kernel` takes every block). Padding tokens are
+    skipped."""
+    token = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    req = request_of(qsl_ptr, num_reqs, token)
+    if req < 0:
+        return
+    current_block = _decode_position(qsl_ptr, seq_lens_ptr, req, token) // SELECT_BLOCK
+    num_blocks = current_block + 1
+    num_tiles = tl.where(num_blocks <= TOPK, 0, tl.cdiv(num_blocks, BB))
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    if tile_lo >= tile_hi:
+        return
+    group_head = tl.arange(0, GP)
+    q_pos, q_neg = _folded_query(q_ptr, token + group_head * 0, group_head < G,
+                                 kv_head * G + group_head, q_tok, q_head, 1, GP, D)
+    scores_row = block_scores_ptr + (token * num_kv_heads + kv_head) * blocks_row
+    for c in range(tile_lo, tile_hi):
+        blocks = c * BB + tl.arange(0, BB)
+        in_row = blocks < num_blocks
+        forced = (blocks < INIT_BLOCKS) | (blocks > current_block - LOCAL_BLOCKS)
+        k_min, k_max = _bounds_tile(min_ptr, max_ptr, table_ptr, req, table_row, blocks,
+                                    in_row & ~forced, kv_head, mn_page, mn_slot, mn_head,
+                                    mx_page, mx_slot, mx_head, PAGE_SIZE, SELECT_BLOCK, D)
+        bound = tl.sum(q_pos * k_max.to(tl.float32) + q_neg * k_min.to(tl.float32),
+                       axis=1) * scale
+        ranked = tl.where(forced, float("inf"), tl.where(bound == bound, bound,
+                                                         float("-inf")))
+        tl.store(scores_row + blocks, ranked, mask=in_row)
+
+
+@triton.jit(do_not_specialize=["num_reqs"])
+def _select_bounds_decode_kernel(
+        qsl_ptr,            # [R+1] int32 query_start_loc
+        seq_lens_ptr,       # [R] int32
+        block_scores_ptr,   # [N, H, blocks_row] float32: `_score_bounds_decode_kernel`'s
+        indices_ptr,        # [N, H, TOPK] int32 out, pre-filled with -1
+        blocks_row, num_reqs, num_kv_heads,
+        SELECT_BLOCK: tl.constexpr, TOPK: tl.constexpr, CHUNK: tl.constexpr):
+    """Grid (N, H), decode, "bounds" scorer: one program owns one (token, KV head) and
+    picks the top-n of its scored row by `_top_n_of_row` over signed scores; at most n
+    candidates: every block, nothing read. Padding tokens are skipped. With
+    `_score_bounds_decode_kernel`, mirrors paged.select_bounds."""
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     req = request_of(qsl_ptr, num_reqs, token)
     if req < 0:
         return
-    q_begin = tl.load(qsl_ptr + req)
-    q_len = tl.load(qsl_ptr + req + 1) - q_begin
-    position = tl.load(seq_lens_ptr + req) - q_len + (token - q_begin)
-    current_block = position // SELECT_BLOCK
-    num_blocks = current_block + 1
+    num_blocks = _decode_position(qsl_ptr, seq_lens_ptr, req, token) // SELECT_BLOCK + 1
     row = token * num_kv_heads + kv_head
-    offs = tl.arange(0, CHUNK)
     if num_blocks <= TOPK:
         for start in range(0, num_blocks, CHUNK):
-            blocks = start + offs
+            blocks = start + tl.arange(0, CHUNK)
             tl.store(indices_ptr + row * TOPK + blocks, blocks, mask=blocks < num_blocks)
     else:
-        group_head = tl.arange(0, GP)
-        q_pos, q_neg = _folded_query(q_ptr, token + group_head * 0, group_head < G,
-                                     kv_head * G + group_head, q_tok, q_head, 1, GP, D)
-        scores_row = block_scores_ptr + row * blocks_row
-        for start in range(0, num_blocks, CHUNK):
-            blocks = start + offs
-            in_row = blocks < num_blocks
-            forced = (blocks < INIT_BLOCKS) | (blocks > current_block - LOCAL_BLOCKS)
-            k_min, k_max = _bounds_tile(min_ptr, max_ptr, table_ptr, req, table_row, blocks,
-                                        in_row & ~forced, kv_head, mn_page, mn_slot,
-                                        mn_head, mx_page, mx_slot, mx_head, PAGE_SIZE,
-                                        SELECT_BLOCK, D)
-            bound = tl.sum(q_pos * k_max.to(tl.float32) + q_neg * k_min.to(tl.float32),
-                           axis=1) * scale
-            ranked = tl.where(forced, float("inf"), tl.where(bound == bound, bound,
-                                                             float("-inf")))
-            tl.store(scores_row + blocks, ranked, mask=in_row)
-        tl.debug_barrier()   # the row is re-read below by other threads of this program
-        _top_n_of_row(scores_row, indices_ptr + row * TOPK, num_blocks, TOPK, CHUNK, True)
+        _top_n_of_row(block_scores_ptr + row * blocks_row, indices_ptr + row * TOPK,
+                      num_blocks, TOPK, CHUNK, True)
 
 
 def select_bounds(q: torch.Tensor, bound_min_cache: torch.Tensor,
@@ -565,10 +602,15 @@ def select_bounds(q: torch.Tensor, bound_min_cache: torch.Tensor,
         LOCAL_BLOCKS=config.local_blocks)
     grid = (plan.num_tokens, plan.num_kv_heads)
     if plan.decode:
+        _score_bounds_decode_kernel[(*grid, plan.scan_splits)](
+            block_scores_ptr=plan.block_scores, blocks_row=plan.blocks_row,
+            num_reqs=plan.num_reqs, num_splits=plan.scan_splits,
+            BB=plan.select_tile_blocks, **common)
         _select_bounds_decode_kernel[grid](
-            block_scores_ptr=plan.block_scores, indices_ptr=block_indices,
-            blocks_row=plan.blocks_row, num_reqs=plan.num_reqs,
-            CHUNK=min(pow2(plan.blocks_row), 64), **common)
+            qsl_ptr=query_start_loc, seq_lens_ptr=seq_lens, block_scores_ptr=plan.block_scores,
+            indices_ptr=block_indices, blocks_row=plan.blocks_row, num_reqs=plan.num_reqs,
+            num_kv_heads=plan.num_kv_heads, SELECT_BLOCK=config.select_block,
+            TOPK=config.select_topk, CHUNK=min(pow2(plan.blocks_row), 1024))
         return block_indices
     _select_bounds_kernel[(plan.num_q_tiles, plan.num_kv_heads, plan.scan_splits)](
         tile_req_ptr=plan.tile_req, tile_qoff_ptr=plan.tile_qoff, indices_ptr=block_indices,
