@@ -34,11 +34,32 @@ from vllm_nsa.kernels.triton.plan import MAX_SPLITS, StepPlan, pow2
 
 @triton.jit
 def _keep_top(best, candidates, BLOCK_T: tl.constexpr, BB: tl.constexpr):
-    """Per token, the BB largest of best ∪ candidates (both [BLOCK_T, BB]), sorted descending."""
-    both = tl.reshape(tl.join(best, candidates), [BLOCK_T, 2 * BB])
-    ranked = tl.sort(both, dim=1, descending=True)
-    # Sorted descending, so the first half dominates the second element-wise.
-    return tl.max(tl.reshape(ranked, [BLOCK_T, 2, BB]), axis=1)
+    """Per token, the BB largest of best ∪ candidates (both [BLOCK_T, BB]), sorted
+    descending. Sorts only when some token's candidate beats that token's worst kept key."""
+    improves = tl.sum((tl.max(candidates, axis=1) > tl.min(best, axis=1)).to(tl.int32), axis=0)
+    if improves > 0:
+        both = tl.reshape(tl.join(best, candidates), [BLOCK_T, 2 * BB])
+        ranked = tl.sort(both, dim=1, descending=True)
+        # Sorted descending, so the first half dominates the second element-wise.
+        best = tl.max(tl.reshape(ranked, [BLOCK_T, 2, BB]), axis=1)
+    return best
+
+
+@triton.jit
+def _store_top(best, indices_ptr, candidates_ptr, token_ids, tok_valid, kv_head,
+               num_kv_heads, split, num_splits, BB: tl.constexpr, TOPK: tl.constexpr):
+    """A prefill tile's kept keys: unsplit, its tokens' TOPK block indices; split, the BB
+    keys of this split for `_merge_topk_kernel`."""
+    block_offs = tl.arange(0, BB)
+    if candidates_ptr is None:
+        indices = _keys_to_indices(best, block_offs[None, :], TOPK)
+        tl.store(indices_ptr + (token_ids[:, None] * num_kv_heads + kv_head) * TOPK
+                 + block_offs[None, :], indices,
+                 mask=tok_valid[:, None] & (block_offs[None, :] < TOPK))
+    else:
+        tl.store(candidates_ptr + ((token_ids[:, None] * num_kv_heads + kv_head) * num_splits
+                                   + split) * BB + block_offs[None, :], best,
+                 mask=tok_valid[:, None])
 
 
 @triton.jit
@@ -226,19 +247,9 @@ def _select_kernel(
         key = ((ranked.to(tl.int32, bitcast=True).to(tl.int64) << 32)
                | (0x7FFFFFFF - blocks[None, :]).to(tl.int64))
         key = tl.where(candidate & (c >= tile_lo), key, -1)
-        # Sort only when some token's candidate beats that token's worst kept key.
-        improves = tl.sum((tl.max(key, axis=1) > tl.min(best, axis=1)).to(tl.int32), axis=0)
-        if improves > 0:
-            best = _keep_top(best, key, BLOCK_T, BB)
-    if candidates_ptr is None:
-        indices = _keys_to_indices(best, block_offs[None, :], TOPK)
-        tl.store(indices_ptr + (token_ids[:, None] * num_kv_heads + kv_head) * TOPK
-                 + block_offs[None, :], indices,
-                 mask=tok_valid[:, None] & (block_offs[None, :] < TOPK))
-    else:
-        tl.store(candidates_ptr + ((token_ids[:, None] * num_kv_heads + kv_head) * num_splits
-                                   + split) * BB + block_offs[None, :], best,
-                 mask=tok_valid[:, None])
+        best = _keep_top(best, key, BLOCK_T, BB)
+    _store_top(best, indices_ptr, candidates_ptr, token_ids, tok_valid, kv_head, num_kv_heads,
+               split, num_splits, BB, TOPK)
 
 
 @triton.jit(do_not_specialize=["num_reqs", "num_splits"])
@@ -481,18 +492,9 @@ def _select_bounds_kernel(
         ranked = tl.where(forced, float("inf"), tl.where(bound == bound, bound,
                                                          float("-inf")))
         key = tl.where(candidate, _bounds_keys(ranked, blocks[None, :]), -1)
-        improves = tl.sum((tl.max(key, axis=1) > tl.min(best, axis=1)).to(tl.int32), axis=0)
-        if improves > 0:
-            best = _keep_top(best, key, BLOCK_T, BB)
-    if candidates_ptr is None:
-        indices = _keys_to_indices(best, block_offs[None, :], TOPK)
-        tl.store(indices_ptr + (token_ids[:, None] * num_kv_heads + kv_head) * TOPK
-                 + block_offs[None, :], indices,
-                 mask=tok_valid[:, None] & (block_offs[None, :] < TOPK))
-    else:
-        tl.store(candidates_ptr + ((token_ids[:, None] * num_kv_heads + kv_head) * num_splits
-                                   + split) * BB + block_offs[None, :], best,
-                 mask=tok_valid[:, None])
+        best = _keep_top(best, key, BLOCK_T, BB)
+    _store_top(best, indices_ptr, candidates_ptr, token_ids, tok_valid, kv_head, num_kv_heads,
+               split, num_splits, BB, TOPK)
 
 
 @triton.jit(do_not_specialize=["num_reqs", "num_splits"])
