@@ -573,7 +573,9 @@ def main():
     RESULTS["git_commit"] = git_commit()
     RESULTS["config"] = dict(l=CFG.compress_block, d=CFG.compress_stride, lp=CFG.select_block,
                              n=CFG.select_topk, w=CFG.window, D=D, page=PAGE, dtype=str(DT))
-    log(f"device {RESULTS['device']}  torch {torch.__version__}  triton {triton.__version__}")
+    # The log names its commit and date too: it is the record when the JSON goes missing.
+    log(f"device {RESULTS['device']}  torch {torch.__version__}  triton {triton.__version__}"
+        f"  commit {RESULTS['git_commit']}  {RESULTS['date']}")
     t0 = time.time()
     bw = copy_bandwidth()
     RESULTS["copy_bandwidth_GBps"] = bw / 1e9

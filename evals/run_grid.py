@@ -618,7 +618,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         run_worker(args)
-        return 0
+        # Every cell is on disk: exit now. On the H200 (vLLM 0.32) all three workers of the
+        # GPU grid finished their last cell and then hung in engine shutdown until the
+        # driver's deadline, which reported them as failed.
+        sys.stdout.flush()
+        os._exit(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work_dir(args).mkdir(parents=True, exist_ok=True)
