@@ -100,6 +100,9 @@ def test_compress_matches_twin(page_size):
     ("fla", 4, 16, True, dict(num_splits=4)),
     ("fla", 3, 16, False, dict(num_splits=2)),
     ("fine", 4, 32, True, dict()),
+    # prefill rows by query tile over the union of their blocks (issue 15's tiling)
+    ("paper", 3, 32, True, dict(prefill_attend="union")),
+    ("fine", 4, 32, False, dict(prefill_attend="union")),
 ])
 def test_attention_matches_twin(config, group, page_size, gated, hints):
     _, _, _, _, results = run_both(CONFIGS[config], group, page_size, gated, **hints)
@@ -373,6 +376,7 @@ def test_bounds_write_matches_twin(config, page_size):
     # split scans and their top-n merge (its sort is slow in the interpreter: few tokens)
     ("paper", 4, 128, dict(num_splits=3, scan_bound=384), True),
     ("fla", 3, 16, dict(num_splits=2), True),
+    ("paper", 16, 32, dict(prefill_attend="union"), False),
 ])
 def test_bounds_attention_matches_twin(config, group, page_size, hints, small):
     lens = dict(seq_lens=[450, 300, 100], query_lens=[2, 1, 1]) if small else {}
@@ -382,6 +386,23 @@ def test_bounds_attention_matches_twin(config, group, page_size, hints, small):
     assert torch.equal(idx, twin_idx)
     assert not out.isnan().any()
     torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
+
+
+def test_prefill_attend_choice():
+    """The union tiling serves prefill plans only (decode keeps one program per row) and
+    an unknown choice is refused by name."""
+    cfg = CONFIGS["paper"]
+    key_cache = torch.zeros(4, 16, H, D)
+    table = torch.zeros(2, 4, dtype=torch.int32)
+    for query_len, union in ((3, True), (1, False)):
+        q = torch.zeros(2 * query_len, H * 4, D)
+        qsl = torch.arange(3, dtype=torch.int32) * query_len
+        plan = triton_nsa.make_plan(q, key_cache, key_cache, table, qsl, cfg, False,
+                                    max_query_len=query_len, prefill_attend="union")
+        assert plan.attend_union is union and (plan.attend_parts is None or not union)
+    with pytest.raises(ValueError, match="'tiles'.*token, union"):
+        triton_nsa.make_plan(q, key_cache, key_cache, table, qsl, cfg, False,
+                             prefill_attend="tiles")
 
 
 @pytest.mark.parametrize("group, scan_bound", [(3, 320), (1, 64), (16, 1024)])

@@ -1,7 +1,10 @@
 """attend: exact attention over the selected blocks' raw tokens, then the sliding window.
 Merged mode skips window tiles whose selection block was already attended (no position
 counted twice) and keeps one accumulator; gated mode keeps the window as its own branch.
-Twin: paged.attend / reference.attend."""
+Two tilings of the same math: `_attend_kernel`, one program per (token, KV head) (decode,
+and prefill by default), and `_attend_union_kernel`, one program per (query tile, KV head)
+over the union of its tokens' blocks (prefill; plan.attend_union). Twin: paged.attend /
+reference.attend."""
 from __future__ import annotations
 
 import torch
@@ -16,17 +19,20 @@ from vllm_nsa.kernels.triton.common import (
     online_softmax_step,
     request_of,
     store_partial,
+    tile_request,
+    tile_rows,
 )
 from vllm_nsa.kernels.triton.plan import StepPlan, pow2
 
 
 @triton.jit
 def _attend_tile(q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions, ok,
-                 kv_head, kc_page, kc_slot, kc_head, vc_page, vc_slot, vc_head, qk_scale,
-                 row_max, row_sum, acc,
+                 row_ok, kv_head, kc_page, kc_slot, kc_head, vc_page, vc_slot, vc_head,
+                 qk_scale, row_max, row_sum, acc,
                  PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over raw positions (masked by `ok`) read through the table."""
+    """One online-softmax step over raw positions read through the table: `ok` [K] says
+    which positions are loaded, `row_ok` ([R, K] or [1, K]) which each row attends."""
     pages = tl.load(table_ptr + req * table_row + positions // PAGE_SIZE, mask=ok,
                     other=0).to(tl.int64)
     slots = positions % PAGE_SIZE
@@ -37,7 +43,7 @@ def _attend_tile(q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, p
     values = tl.load(value_cache_ptr + pages[:, None] * vc_page + slots[:, None] * vc_slot
                      + kv_head * vc_head + dv[None, :], mask=ok[:, None], other=0.0)
     scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * qk_scale
-    scores = tl.where(ok[None, :], scores, float("-inf"))
+    scores = tl.where(row_ok, scores, float("-inf"))
     row_max, row_sum, acc, _, _ = online_softmax_step(scores, values, row_max, row_sum, acc,
                                                       True, DOT_PRECISION)
     return row_max, row_sum, acc
@@ -122,11 +128,11 @@ def _attend_kernel(
     for step in range(step_lo, tl.minimum(step_hi, TOPK * SUB)):
         block = tl.load(index_base + step // SUB)
         positions = block.to(tl.int64) * SELECT_BLOCK + (step % SUB) * BLOCK_K + key_offs
+        ok = (positions >= 0) & (positions <= position)
         row_max, row_sum, acc = _attend_tile(
-            q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions,
-            (positions >= 0) & (positions <= position), kv_head, kc_page, kc_slot, kc_head,
-            vc_page, vc_slot, vc_head, qk_scale, row_max, row_sum, acc,
-            PAGE_SIZE, D, DV, DOT_PRECISION)
+            q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions, ok,
+            ok[None, :], kv_head, kc_page, kc_slot, kc_head, vc_page, vc_slot, vc_head,
+            qk_scale, row_max, row_sum, acc, PAGE_SIZE, D, DV, DOT_PRECISION)
     if GATED:
         _finish_set(out_ptrs, part_max_ptr, part_sum_ptr, part_acc_ptr, part, row_max,
                     row_sum, acc, row_valid, DV)
@@ -149,14 +155,107 @@ def _attend_kernel(
                                         axis=0)
             if times_attended == 0:
                 positions = first + key_offs
+                ok = (positions >= window_first) & (positions <= position)
                 row_max, row_sum, acc = _attend_tile(
                     q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions,
-                    (positions >= window_first) & (positions <= position), kv_head,
-                    kc_page, kc_slot, kc_head, vc_page, vc_slot, vc_head, qk_scale,
-                    row_max, row_sum, acc, PAGE_SIZE, D, DV, DOT_PRECISION)
+                    ok, ok[None, :], kv_head, kc_page, kc_slot, kc_head, vc_page, vc_slot,
+                    vc_head, qk_scale, row_max, row_sum, acc, PAGE_SIZE, D, DV,
+                    DOT_PRECISION)
     last_set = SETS - 1
     _finish_set(out_ptrs + last_set * out_set, part_max_ptr, part_sum_ptr, part_acc_ptr,
                 part + last_set * num_splits, row_max, row_sum, acc, row_valid, DV)
+
+
+@triton.jit(do_not_specialize=["num_kv_heads"])
+def _attend_union_kernel(
+        q_ptr, key_cache_ptr, value_cache_ptr, table_ptr, qsl_ptr, seq_lens_ptr,
+        indices_ptr,        # [N, H, TOPK] int32 selected blocks, ascending, -1 padded
+        out_ptr,            # [N, HQ, DV] view: o_slc (gated) or the merged output
+        tile_req_ptr, tile_qoff_ptr,   # the plan's query tiles
+        q_tok, q_head, kc_page, kc_slot, kc_head, vc_page, vc_slot, vc_head, table_row,
+        out_tok, out_head, out_set,
+        num_kv_heads,
+        qk_scale,           # softmax scale * log2(e)
+        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr,
+        D: tl.constexpr, DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        SELECT_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+        TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, WINDOW: tl.constexpr,
+        GATED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (query tiles, H): one program owns BLOCK_T consecutive tokens of one request x
+    the GP (padded) query heads of one KV head, BLOCK_T * GP rows of full tensor-core
+    tiles. It walks the union of its tokens' selected blocks in ascending order, loading
+    each block once for all rows (a row attends only the blocks its token selected), then
+    the tile's window span (a row attends its own window; merged: minus the blocks it
+    already attended). Neighbouring tokens select mostly the same blocks, so the union is
+    small (benchmarks/selection_union.py). Sets as in _attend_kernel; no split.
+    Mirrors paged.attend."""
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    req, q_off = tile_request(tile_req_ptr, tile_qoff_ptr, tile, False)
+    if req < 0:
+        return
+    q_len, context, token, group_head, position, row_valid, last_position = tile_rows(
+        qsl_ptr, seq_lens_ptr, req, q_off, G, GP, BLOCK_T)
+    if q_off >= q_len:
+        return
+    token = token.to(tl.int64)
+    head = kv_head * G + group_head
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + token[:, None] * q_tok + head[:, None] * q_head + d[None, :],
+                mask=row_valid[:, None], other=0.0)
+    topk_offs = tl.arange(0, TOPK_PAD)
+    selected = tl.load(indices_ptr + (token[:, None] * num_kv_heads + kv_head) * TOPK
+                       + topk_offs[None, :],
+                       mask=row_valid[:, None] & (topk_offs[None, :] < TOPK), other=-1)
+    key_offs = tl.arange(0, BLOCK_K)
+    dv = tl.arange(0, DV)
+    out_ptrs = out_ptr + token[:, None] * out_tok + head[:, None] * out_head + dv[None, :]
+    ROWS: tl.constexpr = BLOCK_T * GP
+    SUB: tl.constexpr = SELECT_BLOCK // BLOCK_K
+    NONE: tl.constexpr = 2 ** 30
+    row_max = tl.full([ROWS], float("-inf"), tl.float32)
+    row_sum = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, DV], tl.float32)
+    block = tl.min(tl.min(tl.where(selected >= 0, selected, NONE), axis=1), axis=0)
+    while block < NONE:
+        attends = tl.sum((selected == block).to(tl.int32), axis=1) > 0          # [ROWS]
+        for sub in tl.static_range(SUB):
+            positions = block.to(tl.int64) * SELECT_BLOCK + sub * BLOCK_K + key_offs
+            row_ok = attends[:, None] & (positions[None, :] <= position[:, None])
+            row_max, row_sum, acc = _attend_tile(
+                q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions,
+                positions <= last_position, row_ok, kv_head, kc_page, kc_slot, kc_head,
+                vc_page, vc_slot, vc_head, qk_scale, row_max, row_sum, acc,
+                PAGE_SIZE, D, DV, DOT_PRECISION)
+        block = tl.min(tl.min(tl.where(selected > block, selected, NONE), axis=1), axis=0)
+    if GATED:
+        tl.store(out_ptrs, normalise(acc, row_sum).to(out_ptrs.dtype.element_ty),
+                 mask=row_valid[:, None])
+        row_max = tl.full([ROWS], float("-inf"), tl.float32)
+        row_sum = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, DV], tl.float32)
+    if WINDOW > 0:
+        first_position = context + q_off
+        window_first = position - WINDOW + 1                                     # [ROWS]
+        for tile_k in range(tl.maximum(first_position - WINDOW + 1, 0) // BLOCK_K,
+                            last_position // BLOCK_K + 1):
+            first = tile_k * BLOCK_K
+            positions = first + key_offs
+            row_ok = ((positions[None, :] >= window_first[:, None])
+                      & (positions[None, :] <= position[:, None]))
+            if not GATED:
+                # Merged mode: a row's already attended block adds nothing here.
+                taken = tl.sum((selected == first // SELECT_BLOCK).to(tl.int32), axis=1) > 0
+                row_ok = row_ok & ~taken[:, None]
+            row_max, row_sum, acc = _attend_tile(
+                q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions,
+                positions <= last_position, row_ok, kv_head, kc_page, kc_slot, kc_head,
+                vc_page, vc_slot, vc_head, qk_scale, row_max, row_sum, acc,
+                PAGE_SIZE, D, DV, DOT_PRECISION)
+    if GATED:
+        out_ptrs += out_set
+    tl.store(out_ptrs, normalise(acc, row_sum).to(out_ptrs.dtype.element_ty),
+             mask=row_valid[:, None])
 
 
 def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -171,6 +270,24 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
     if gated and (o_win.stride(0), o_win.stride(1)) != (o_slc.stride(0), o_slc.stride(1)):
         raise ValueError("o_slc and o_win must be views of one [N, HQ, 3, Dv] output")
     out_set = (o_win.data_ptr() - o_slc.data_ptr()) // o_slc.element_size() if gated else 0
+    if plan.attend_union:
+        _attend_union_kernel[(plan.num_q_tiles, plan.num_kv_heads)](
+            q_ptr=q, key_cache_ptr=key_cache, value_cache_ptr=value_cache,
+            table_ptr=block_table, qsl_ptr=query_start_loc, seq_lens_ptr=seq_lens,
+            indices_ptr=block_indices, out_ptr=o_slc, tile_req_ptr=plan.tile_req,
+            tile_qoff_ptr=plan.tile_qoff, q_tok=q.stride(0), q_head=q.stride(1),
+            kc_page=key_cache.stride(0), kc_slot=key_cache.stride(1),
+            kc_head=key_cache.stride(2), vc_page=value_cache.stride(0),
+            vc_slot=value_cache.stride(1), vc_head=value_cache.stride(2),
+            table_row=block_table.stride(0), out_tok=o_slc.stride(0),
+            out_head=o_slc.stride(1), out_set=out_set, num_kv_heads=plan.num_kv_heads,
+            qk_scale=scale * LOG2E.value, G=plan.group, GP=plan.group_pad,
+            BLOCK_T=plan.block_t, D=plan.head_dim, DV=plan.value_dim,
+            PAGE_SIZE=plan.page_size, SELECT_BLOCK=config.select_block,
+            BLOCK_K=plan.block_k, TOPK=config.select_topk,
+            TOPK_PAD=pow2(config.select_topk), WINDOW=config.window, GATED=gated,
+            DOT_PRECISION=plan.dot_precision)
+        return
     parts = plan.attend_parts
     split = parts is not None
     _attend_kernel[(plan.num_tokens, plan.num_kv_heads, plan.attend_splits)](

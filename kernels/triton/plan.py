@@ -8,6 +8,7 @@ step reuses it (same shapes, same scratch buffers, consumed in stream order).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -19,6 +20,11 @@ MIN_ROWS = 16
 # Split counts are runtime arguments (a new batch shape never compiles a new kernel); the
 # merges size their loads by this cap.
 MAX_SPLITS = 64
+# How prefill rows attend: "token" (one program per (token, KV head), the default) or
+# "union" (one program per query tile over the union of its tokens' blocks: issue 15's
+# tiling, chosen on paper in BENCHMARKS.md, not yet timed on a GPU). Read once at import.
+PREFILL_ATTEND = os.environ.get("VLLM_NSA_PREFILL_ATTEND", "token")
+PREFILL_ATTEND_CHOICES = ("token", "union")
 
 
 def pow2(x: int) -> int:
@@ -103,7 +109,9 @@ class StepPlan:
     tile_max: torch.Tensor | None     # [N, HQ, tiles_row] their reference max
     block_scores: torch.Tensor | None  # [N, H, blocks_row] group importance or bounds
     select_candidates: torch.Tensor | None  # prefill scan split: [N, H, splits, BB] top keys
-    # attend: selected tiles then window tiles of block_k keys, per (token, KV head)
+    # attend: selected tiles then window tiles of block_k keys, per (token, KV head), or
+    # (attend_union) per query tile over the union of its tokens' blocks, unsplit
+    attend_union: bool
     attend_rows: int
     block_k: int
     attend_steps: int
@@ -134,11 +142,12 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
               block_table: torch.Tensor, query_start_loc: torch.Tensor, config: NSAConfig,
               gated: bool, *,
               max_query_len: int | None = None, scan_bound: int | None = None,
-              num_splits: int | None = None) -> StepPlan:
+              num_splits: int | None = None, prefill_attend: str | None = None) -> StepPlan:
     """The plan of one step. Hints (host ints, CUDA-graph safe): max_query_len (1 = all
     decodes: one tile per request), scan_bound (must bound every seq_len; default: the
     block table's capacity), num_splits (programs sharing one row's scan and its
-    attention; default: enough to fill the GPU)."""
+    attention; default: enough to fill the GPU), prefill_attend (PREFILL_ATTEND_CHOICES;
+    default: $VLLM_NSA_PREFILL_ATTEND, else "token")."""
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = key_cache.shape
     value_dim = value_cache.shape[3]
@@ -194,7 +203,13 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
     block_k = min(config.select_block, 64)
     window_tiles = (config.window - 1) // block_k + 2 if config.window else 0
     attend_steps = config.select_topk * (config.select_block // block_k) + window_tiles
-    attend_splits = num_splits or fill_splits(num_tokens * num_kv_heads, attend_steps, device)
+    prefill_attend = prefill_attend or PREFILL_ATTEND
+    if prefill_attend not in PREFILL_ATTEND_CHOICES:
+        raise ValueError(f"prefill_attend (VLLM_NSA_PREFILL_ATTEND) is {prefill_attend!r}; "
+                         f"allowed: {', '.join(PREFILL_ATTEND_CHOICES)}")
+    attend_union = prefill_attend == "union" and not decode
+    attend_splits = 1 if attend_union else (
+        num_splits or fill_splits(num_tokens * num_kv_heads, attend_steps, device))
     attend_parts = (Partials.empty(num_tokens, num_heads, 2 if gated else 1, attend_splits,
                                    value_dim, True, device) if attend_splits > 1 else None)
     return StepPlan(
@@ -207,6 +222,7 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
         scan_tiles=scan_tiles, scan_splits=scan_splits,
         lse=torch.empty((num_tokens, num_heads), **f32), score_parts=score_parts,
         blocks_row=blocks_row, tiles_row=tiles_row, **decode_scratch,
-        select_candidates=select_candidates, attend_rows=max(MIN_ROWS, group_pad),
+        select_candidates=select_candidates, attend_union=attend_union,
+        attend_rows=max(MIN_ROWS, group_pad),
         block_k=block_k, attend_steps=attend_steps, attend_splits=attend_splits,
         attend_parts=attend_parts)
