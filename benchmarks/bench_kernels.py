@@ -161,10 +161,19 @@ def compare(name, q, b, qsl, gated, num_kv_heads, cfg=CFG, **hints):
         gap = abs(scores[list(ours - theirs)].min().item()
                   - scores[list(theirs - ours)].max().item()) / scores.abs().max().item()
         worst_gap = max(worst_gap, gap)
-    ok = unwritten == 0 and rel < 1e-2 and worst_gap < 1e-3
-    entry = dict(rel_err=rel, unwritten=unwritten, rows=int(mismatch.numel()),
-                 mismatched_rows=len(rows), worst_tie_gap_rel=worst_gap, ok=ok)
-    log(f"  {name:44s} rel_err={rel:.2e} unwritten={unwritten} "
+    # Per row (token, query head[, branch]): the worst row's relative error, rows whose
+    # block set differs at a near-tie left out (one norm over everything hides a bad row).
+    tied = mismatch.repeat_interleave(q.shape[1] // num_kv_heads, dim=1)
+    diff = (out.float() - ref.float()).nan_to_num(float("inf"))
+    row_rel = diff.norm(dim=-1) / ref.float().norm(dim=-1).clamp_min(1e-6)
+    if gated:
+        tied = tied.unsqueeze(-1).expand_as(row_rel)
+    worst_row = row_rel[~tied].max().item() if (~tied).any() else 0.0
+    ok = unwritten == 0 and rel < 1e-2 and worst_row < 5e-2 and worst_gap < 1e-3
+    entry = dict(rel_err=rel, worst_row_rel_err=worst_row, unwritten=unwritten,
+                 rows=int(mismatch.numel()), mismatched_rows=len(rows),
+                 worst_tie_gap_rel=worst_gap, ok=ok)
+    log(f"  {name:44s} rel_err={rel:.2e} worst row {worst_row:.1e} unwritten={unwritten} "
         f"block-set mismatches={len(rows)}/{mismatch.numel()} (worst rel gap {worst_gap:.1e}) "
         f"{'OK' if ok else 'FAIL'}")
     return entry
@@ -208,6 +217,10 @@ def correctness():
             mode = mode_name(gated, cfg)
             res[f"mixed_{hq}_{h}_{mode}"] = compare(f"mixed batch ({hq},{h}) {mode}", q, b, qsl,
                                                     gated, h, cfg)
+            # issue 15's prefill tiling: query tiles over the union of their blocks
+            res[f"mixed_{hq}_{h}_{mode}_union"] = compare(
+                f"mixed batch ({hq},{h}) {mode} union", q, b, qsl, gated, h, cfg,
+                prefill_attend="union")
         # decode-only batch through the split scan (default split heuristic)
         dec = [8192, 32768, 65536, 12345]
         bd = paged_batch(dec, h, gen_seed=hq + 1)
@@ -309,6 +322,18 @@ def prefill(fa3, fla):
             def nsa_bounds():
                 return nsa_triton.nsa_paged_attention(*bounds_args, out1, False, bounds_plan)
             row["nsa_bounds_ms"] = bench(nsa_bounds)
+            # the same two modes with prefill_attend="union" (issue 15's tiling)
+            union_plans = {name: nsa_triton.make_plan(
+                q, b["key_cache"], b["value_cache"], b["table"], qsl, cfg, gated,
+                max_query_len=T, scan_bound=T, prefill_attend="union")
+                for name, gated, cfg in (("gated", True, CFG), ("bounds", False, CFG_BOUNDS))}
+
+            def nsa_bounds_union():
+                return nsa_triton.nsa_paged_attention(*bounds_args, out1, False,
+                                                      union_plans["bounds"])
+            row["nsa_gated_union_ms"] = bench(lambda: nsa_triton.nsa_paged_attention(
+                *args, out3, True, union_plans["gated"]))
+            row["nsa_bounds_union_ms"] = bench(nsa_bounds_union)
             row["compress_ms"] = bench(lambda: nsa_triton.compress(
                 b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"], b["table"],
                 b["emit_req"], b["emit_index"], CFG))
@@ -319,6 +344,7 @@ def prefill(fa3, fla):
                 row["breakdown_gated"] = kernel_breakdown(
                     lambda: nsa_triton.nsa_paged_attention(*args, out3, True, plans[True]))
                 row["breakdown_bounds"] = kernel_breakdown(nsa_bounds)
+                row["breakdown_bounds_union"] = kernel_breakdown(nsa_bounds_union)
             # dense baselines on contiguous K/V of the same size
             k = torch.randn(T, h, D, device=DEV, dtype=DT)
             v = torch.randn_like(k)
@@ -348,15 +374,19 @@ def prefill(fa3, fla):
             dense = row.get("fa3_ms", row["sdpa_ms"])
             row["speedup_vs_dense"] = dense / row["nsa_gated_ms"]
             row["bounds_speedup_vs_dense"] = dense / row["nsa_bounds_ms"]
+            row["bounds_union_speedup_vs_dense"] = dense / row["nsa_bounds_union_ms"]
             log(f"  ({hq},{h}) T={T:6d}: NSA3 {row['nsa_gated_ms']:8.2f} ms  merged "
                 f"{row['nsa_merged_ms']:8.2f}  bounds {row['nsa_bounds_ms']:8.2f} "
                 f"(x{row['bounds_speedup_vs_dense']:.2f})  compress {row['compress_ms']:.2f}  "
                 f"SDPA {row['sdpa_ms']:8.2f}  FA3 {row.get('fa3_ms', float('nan')):8.2f}  "
                 f"FLA {row.get('fla_nsa_ms', float('nan')):8.2f}  "
                 f"x{row['speedup_vs_dense']:.2f} vs dense  {row['nsa_tflops']:.0f} TFLOP/s")
+            log(f"      union tiles: gated {row['nsa_gated_union_ms']:8.2f} ms  bounds "
+                f"{row['nsa_bounds_union_ms']:8.2f} (x{row['bounds_union_speedup_vs_dense']:.2f})")
             if "breakdown_gated" in row:
                 log(f"    kernels: {row['breakdown_gated']}")
                 log(f"    bounds: {row['breakdown_bounds']}")
+                log(f"    bounds union: {row['breakdown_bounds_union']}")
             rows.append(row)
             torch.cuda.empty_cache()
             RESULTS["prefill"] = rows
