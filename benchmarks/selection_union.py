@@ -84,30 +84,19 @@ def random_source(length: int, heads: int, kv_heads: int, dim: int):
 
 
 def model_source(model_dir: str, length: int):
-    """(label, q [T, HQ, D], k [T, H, D]) of every layer, post-RoPE, one dense forward."""
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    """(label, q [T, HQ, D], k [T, H, D]) of every layer, post-RoPE, one dense forward of
+    the passkey prompt as the selection probe builds it."""
+    from transformers import AutoTokenizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repo's evals/
+    from evals.selection_probe import capture_last_queries, load_model, prompt_encoding
     from evals.tasks.nsa_longctx import generate_docs
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     doc = generate_docs(tokenizer, "passkey", length, depths=[0.5], samples_per_depth=1)[0]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": doc["input"]}],
-                                         tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    captured = []
-
-    def capture(module, query, key, value, attention_mask, **kwargs):
-        captured.append((query[0].transpose(0, 1).float(), key[0].transpose(0, 1).float()))
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("nsa_union_capture", capture)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 attn_implementation="nsa_union_capture")
-    with torch.no_grad():
-        model(ids)
-    for layer, (q, k) in enumerate(captured):
+    ids = prompt_encoding(tokenizer, doc)[1]["input_ids"]
+    captured = capture_last_queries(load_model(model_dir, "sdpa"), ids, all_queries=True)
+    for layer, (q, k, _) in enumerate(captured):
         yield f"layer {layer}", q, k
 
 

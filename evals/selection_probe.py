@@ -28,8 +28,19 @@ def load_model(model_dir: str, attn_implementation: str):
                                                 attn_implementation=attn_implementation)
 
 
-def capture_last_queries(model, ids):
-    """[(q_last [HQ, D], k [T, H, D], v [T, H, D]) per layer] of one dense forward."""
+def prompt_encoding(tokenizer, doc: dict):
+    """(text, encoding with offsets) of a doc's prompt as lm-eval builds it with
+    --apply_chat_template and gen_prefix."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": doc["input"]}],
+                                         tokenize=False, add_generation_prompt=True)
+    text += doc["gen_prefix"]
+    return text, tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                           return_tensors="pt")
+
+
+def capture_last_queries(model, ids, all_queries: bool = False):
+    """[(q_last [HQ, D], k [T, H, D], v [T, H, D]) per layer] of one dense forward
+    (all_queries: q [T, HQ, D] of every position instead of the last)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -37,7 +48,8 @@ def capture_last_queries(model, ids):
 
     def capture(module, query, key, value, attention_mask, **kwargs):
         # query [B, HQ, T, D], key/value [B, H, T, D] after RoPE.
-        captured.append((query[0, :, -1].float(), key[0].transpose(0, 1).float(),
+        queries = query[0].transpose(0, 1) if all_queries else query[0, :, -1]
+        captured.append((queries.float(), key[0].transpose(0, 1).float(),
                          value[0].transpose(0, 1).float()))
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -114,12 +126,7 @@ def main() -> None:
     for depth in args.depths:
         doc = generate_docs(tokenizer, args.task, args.length, depths=(depth,),
                             samples_per_depth=1)[0]
-        # The prompt as lm-eval builds it with --apply_chat_template and gen_prefix.
-        text = tokenizer.apply_chat_template([{"role": "user", "content": doc["input"]}],
-                                             tokenize=False, add_generation_prompt=True)
-        text += doc["gen_prefix"]
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                            return_tensors="pt")
+        text, encoded = prompt_encoding(tokenizer, doc)
         ids = encoded["input_ids"]
         captured = capture_last_queries(model, ids)
         answer_start = text.index(doc["answer"])
