@@ -187,15 +187,18 @@ def test_decode_top_n_with_ties_and_nan():
             assert indices[t, h].tolist() == expected, (t, h)
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_half_precision_against_oracle(gated):
-    """fp16 kernels vs the float64 oracle on the same (rounded) inputs. (The interpreter's
-    bf16 tl.dot is wrong in Triton 3.9 — it returns garbage on a plain 16x16 product — so bf16
-    is checked on the GPU by benchmarks/bench_kernels.py.)"""
+@pytest.mark.parametrize("gated, prefill_attend", [(False, "token"), (True, "token"),
+                                                   (False, "union"), (True, "union")])
+def test_half_precision_against_oracle(gated, prefill_attend):
+    """fp16 kernels vs the float64 oracle on the same (rounded) inputs, prefill rows by
+    either tiling. (The interpreter's bf16 tl.dot is wrong in Triton 3.9 — it returns
+    garbage on a plain 16x16 product — so bf16 is checked on the GPU by
+    benchmarks/bench_kernels.py.)"""
     dtype = torch.float16
     cfg = CONFIGS["paper"]
     group = 3
-    seqs, q, qsl, _, results = run_both(cfg, group, 16, gated, dtype=dtype, seed=3)
+    seqs, q, qsl, _, results = run_both(cfg, group, 16, gated, dtype=dtype, seed=3,
+                                        prefill_attend=prefill_attend)
     assert_matches_oracle(seqs, q, qsl, *results["triton"], cfg, gated, tolerance=1e-2)
 
 
