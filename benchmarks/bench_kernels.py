@@ -217,15 +217,10 @@ def correctness():
             mode = mode_name(gated, cfg)
             res[f"mixed_{hq}_{h}_{mode}"] = compare(f"mixed batch ({hq},{h}) {mode}", q, b, qsl,
                                                     gated, h, cfg)
-            # issue 15's prefill tiling: query tiles over the union of their blocks (opt-in;
-            # a failure is recorded as such and the rest of the run goes on)
-            try:
-                res[f"mixed_{hq}_{h}_{mode}_union"] = compare(
-                    f"mixed batch ({hq},{h}) {mode} union", q, b, qsl, gated, h, cfg,
-                    prefill_attend="union")
-            except Exception as exc:
-                log(f"  mixed batch ({hq},{h}) {mode} union FAILED: {exc!r}")
-                res[f"mixed_{hq}_{h}_{mode}_union"] = dict(error=repr(exc), ok=False)
+            # the per-(token, KV head) prefill attention that union tiles replaced
+            res[f"mixed_{hq}_{h}_{mode}_token"] = compare(
+                f"mixed batch ({hq},{h}) {mode} token", q, b, qsl, gated, h, cfg,
+                prefill_attend="token")
         # decode-only batch through the split scan (default split heuristic)
         dec = [8192, 32768, 65536, 12345]
         bd = paged_batch(dec, h, gen_seed=hq + 1)
@@ -327,22 +322,15 @@ def prefill(fa3, fla):
             def nsa_bounds():
                 return nsa_triton.nsa_paged_attention(*bounds_args, out1, False, bounds_plan)
             row["nsa_bounds_ms"] = bench(nsa_bounds)
-            # the same two modes with prefill_attend="union" (issue 15's tiling)
-            union_plans = {name: nsa_triton.make_plan(
+            # the same two modes with prefill_attend="token" (before issue 15's union tiles)
+            token_plans = {name: nsa_triton.make_plan(
                 q, b["key_cache"], b["value_cache"], b["table"], qsl, cfg, gated,
-                max_query_len=T, scan_bound=T, prefill_attend="union")
+                max_query_len=T, scan_bound=T, prefill_attend="token")
                 for name, gated, cfg in (("gated", True, CFG), ("bounds", False, CFG_BOUNDS))}
-
-            def nsa_bounds_union():
-                return nsa_triton.nsa_paged_attention(*bounds_args, out1, False,
-                                                      union_plans["bounds"])
-            try:
-                row["nsa_gated_union_ms"] = bench(lambda: nsa_triton.nsa_paged_attention(
-                    *args, out3, True, union_plans["gated"]))
-                row["nsa_bounds_union_ms"] = bench(nsa_bounds_union)
-            except Exception as exc:
-                log(f"  union tiles failed: {exc!r}")
-                row["nsa_gated_union_ms"] = row["nsa_bounds_union_ms"] = float("nan")
+            row["nsa_gated_token_ms"] = bench(lambda: nsa_triton.nsa_paged_attention(
+                *args, out3, True, token_plans["gated"]))
+            row["nsa_bounds_token_ms"] = bench(lambda: nsa_triton.nsa_paged_attention(
+                *bounds_args, out1, False, token_plans["bounds"]))
             row["compress_ms"] = bench(lambda: nsa_triton.compress(
                 b["key_cache"], b["value_cache"], b["cmp_key"], b["cmp_value"], b["table"],
                 b["emit_req"], b["emit_index"], CFG))
@@ -353,8 +341,6 @@ def prefill(fa3, fla):
                 row["breakdown_gated"] = kernel_breakdown(
                     lambda: nsa_triton.nsa_paged_attention(*args, out3, True, plans[True]))
                 row["breakdown_bounds"] = kernel_breakdown(nsa_bounds)
-                if row["nsa_bounds_union_ms"] == row["nsa_bounds_union_ms"]:   # not NaN
-                    row["breakdown_bounds_union"] = kernel_breakdown(nsa_bounds_union)
             # dense baselines on contiguous K/V of the same size
             k = torch.randn(T, h, D, device=DEV, dtype=DT)
             v = torch.randn_like(k)
@@ -384,19 +370,18 @@ def prefill(fa3, fla):
             dense = row.get("fa3_ms", row["sdpa_ms"])
             row["speedup_vs_dense"] = dense / row["nsa_gated_ms"]
             row["bounds_speedup_vs_dense"] = dense / row["nsa_bounds_ms"]
-            row["bounds_union_speedup_vs_dense"] = dense / row["nsa_bounds_union_ms"]
+            row["bounds_token_speedup_vs_dense"] = dense / row["nsa_bounds_token_ms"]
             log(f"  ({hq},{h}) T={T:6d}: NSA3 {row['nsa_gated_ms']:8.2f} ms  merged "
                 f"{row['nsa_merged_ms']:8.2f}  bounds {row['nsa_bounds_ms']:8.2f} "
                 f"(x{row['bounds_speedup_vs_dense']:.2f})  compress {row['compress_ms']:.2f}  "
                 f"SDPA {row['sdpa_ms']:8.2f}  FA3 {row.get('fa3_ms', float('nan')):8.2f}  "
                 f"FLA {row.get('fla_nsa_ms', float('nan')):8.2f}  "
                 f"x{row['speedup_vs_dense']:.2f} vs dense  {row['nsa_tflops']:.0f} TFLOP/s")
-            log(f"      union tiles: gated {row['nsa_gated_union_ms']:8.2f} ms  bounds "
-                f"{row['nsa_bounds_union_ms']:8.2f} (x{row['bounds_union_speedup_vs_dense']:.2f})")
+            log(f"      token programs: gated {row['nsa_gated_token_ms']:8.2f} ms  bounds "
+                f"{row['nsa_bounds_token_ms']:8.2f} (x{row['bounds_token_speedup_vs_dense']:.2f})")
             if "breakdown_gated" in row:
                 log(f"    kernels: {row['breakdown_gated']}")
                 log(f"    bounds: {row['breakdown_bounds']}")
-                log(f"    bounds union: {row.get('breakdown_bounds_union')}")
             rows.append(row)
             torch.cuda.empty_cache()
             RESULTS["prefill"] = rows

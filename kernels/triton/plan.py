@@ -17,13 +17,17 @@ from vllm_nsa.support import check_supported
 
 # Rows of a query tile in the tensor-core dots (tl.dot needs >= 16).
 MIN_ROWS = 16
+# Tokens per prefill tile of the "bounds" selection: it scores each token's folded query
+# (one row per token, not per head), so its tiles need not shrink with G; 32 tokens fill
+# the dot's rows and share each block's bounds loads.
+BOUNDS_SELECT_TOKENS = 32
 # Split counts are runtime arguments (a new batch shape never compiles a new kernel); the
 # merges size their loads by this cap.
 MAX_SPLITS = 64
-# How prefill rows attend: "token" (one program per (token, KV head), the default) or
-# "union" (one program per query tile over the union of its tokens' blocks: issue 15's
-# tiling, chosen on paper in BENCHMARKS.md, not yet timed on a GPU). Read once at import.
-PREFILL_ATTEND = os.environ.get("VLLM_NSA_PREFILL_ATTEND", "token")
+# How prefill rows attend: "union" (one program per query tile over the union of its
+# tokens' blocks: issue 15's tiling, the default since it was timed on an H200,
+# BENCHMARKS.md) or "token" (one program per (token, KV head)). Read once at import.
+PREFILL_ATTEND = os.environ.get("VLLM_NSA_PREFILL_ATTEND", "union")
 PREFILL_ATTEND_CHOICES = ("token", "union")
 
 
@@ -91,6 +95,11 @@ class StepPlan:
     num_q_tiles: int
     tile_req: torch.Tensor | None    # [num_q_tiles] int32 request (-1 unused); None: decode
     tile_qoff: torch.Tensor | None   # [num_q_tiles] int32 first query offset in the request
+    # prefill "bounds" select: its own tiles of select_block_t tokens (same form as above)
+    select_block_t: int
+    num_select_tiles: int
+    select_tile_req: torch.Tensor | None
+    select_tile_qoff: torch.Tensor | None
     scan_bound: int          # longest context the split count is sized for
     select_tile_blocks: int  # BB: selection blocks per scan tile
     select_tile_entries: int  # BC: compressed entries per scan tile (BB * l' / d)
@@ -147,7 +156,7 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
     decodes: one tile per request), scan_bound (must bound every seq_len; default: the
     block table's capacity), num_splits (programs sharing one row's scan and its
     attention; default: enough to fill the GPU), prefill_attend (PREFILL_ATTEND_CHOICES;
-    default: $VLLM_NSA_PREFILL_ATTEND, else "token")."""
+    default: $VLLM_NSA_PREFILL_ATTEND, else "union")."""
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = key_cache.shape
     value_dim = value_cache.shape[3]
@@ -168,20 +177,26 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
     tile_blocks = max(pow2(config.select_topk), 16)
     tile_entries = tile_blocks * config.select_block // config.compress_stride
     scan_tiles = -(-config.num_select_blocks(scan_bound) // tile_blocks)
+    # The "bounds" scorer runs no score stage: no block sums, no score partials.
+    score_stage = config.uses_compressed
+    select_block_t = block_t if score_stage or decode else BOUNDS_SELECT_TOKENS
     if decode:
-        tile_req = tile_qoff = None
-        num_q_tiles = num_reqs
+        tile_req = tile_qoff = select_tile_req = select_tile_qoff = None
+        num_q_tiles = num_select_tiles = num_reqs
         busy_tiles = num_reqs
     else:
         tile_req, tile_qoff = query_tiles(query_start_loc, num_tokens, block_t)
+        select_tile_req, select_tile_qoff = (
+            (tile_req, tile_qoff) if select_block_t == block_t
+            else query_tiles(query_start_loc, num_tokens, select_block_t))
         num_q_tiles = tile_req.shape[0]
-        busy_tiles = min(num_q_tiles, -(-num_tokens // block_t))
+        num_select_tiles = select_tile_req.shape[0]
+        # The scan (score, or the bounds select) runs over the select tiles.
+        busy_tiles = min(num_select_tiles, -(-num_tokens // select_block_t))
     scan_splits = num_splits or fill_splits(num_kv_heads * max(1, busy_tiles), scan_tiles,
                                             device)
     tiles_row = -(-config.num_select_blocks(block_table.shape[1] * page_size) // tile_blocks)
     blocks_row = tiles_row * tile_blocks
-    # The "bounds" scorer runs no score stage: no block sums, no score partials.
-    score_stage = config.uses_compressed
     decode_scratch = dict(own_sums=None, spill_sums=None, tile_max=None, block_scores=None)
     if decode:
         decode_scratch["block_scores"] = torch.empty((num_tokens, num_kv_heads, blocks_row),
@@ -217,7 +232,9 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
         num_kv_heads=num_kv_heads, group=group, group_pad=group_pad, head_dim=head_dim,
         value_dim=value_dim, page_size=page_size, decode=decode,
         dot_precision=dot_precision(q.dtype), block_t=block_t, num_q_tiles=num_q_tiles,
-        tile_req=tile_req, tile_qoff=tile_qoff, scan_bound=scan_bound,
+        tile_req=tile_req, tile_qoff=tile_qoff, select_block_t=select_block_t,
+        num_select_tiles=num_select_tiles, select_tile_req=select_tile_req,
+        select_tile_qoff=select_tile_qoff, scan_bound=scan_bound,
         select_tile_blocks=tile_blocks, select_tile_entries=tile_entries,
         scan_tiles=scan_tiles, scan_splits=scan_splits,
         lse=torch.empty((num_tokens, num_heads), **f32), score_parts=score_parts,

@@ -407,15 +407,21 @@ def _bounds_tile(min_ptr, max_ptr, table_ptr, req, table_row, blocks, load, kv_h
 
 
 @triton.jit
-def _folded_query(q_ptr, token64, row_valid, head, q_tok, q_head,
-                  BLOCK_T: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+def _folded_query(q_ptr, tokens64, tok_valid, first_head, q_tok, q_head,
+                  BLOCK_T: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
     """A KV group's query folded for its summed bound: (sum_g max(q_g, 0), sum_g min(q_g,
-    0)) per token of the tile, [BLOCK_T, D] float32 each (rows token * GP + g)."""
+    0)) of the G heads from first_head, per token, [BLOCK_T, D] float32 each (the heads
+    one at a time: a G = 16 group never holds G x BLOCK_T rows)."""
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + token64[:, None] * q_tok + head[:, None] * q_head + d[None, :],
-                mask=row_valid[:, None], other=0.0).to(tl.float32)
-    q = tl.reshape(q, [BLOCK_T, GP, D])
-    return tl.sum(tl.maximum(q, 0.0), axis=1), tl.sum(tl.minimum(q, 0.0), axis=1)
+    rows = q_ptr + tokens64[:, None] * q_tok + d[None, :]
+    q_pos = tl.zeros([BLOCK_T, D], tl.float32)
+    q_neg = tl.zeros([BLOCK_T, D], tl.float32)
+    for g in tl.static_range(G):
+        q = tl.load(rows + (first_head + g) * q_head, mask=tok_valid[:, None],
+                    other=0.0).to(tl.float32)
+        q_pos += tl.maximum(q, 0.0)
+        q_neg += tl.minimum(q, 0.0)
+    return q_pos, q_neg
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -435,39 +441,41 @@ def _select_bounds_kernel(
         num_kv_heads,
         num_splits,         # programs sharing one query tile's scan
         scale,              # softmax scale (the bounds are scaled logits)
-        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
+        G: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
         PAGE_SIZE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
         BB: tl.constexpr,   # selection blocks per scan tile
         TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
-    """Grid (query tiles, H, num_splits), prefill and mixed batches, "bounds" scorer: one
-    program scores its split's share of the blocks for BLOCK_T tokens of one KV head by
-    the group's summed Quest bound s * ((sum_g q_g+) . max + (sum_g q_g-) . min), ranks
-    forced blocks +inf, and keeps each token's top-n (packed keys, bitonic merge, as
-    `_select_kernel`). Tiles whose tokens have at most n candidates read nothing (all
-    blocks are taken). Mirrors paged.select_bounds."""
+    """Grid (select tiles, H, num_splits), prefill and mixed batches, "bounds" scorer: one
+    program scores its split's share of the blocks for BLOCK_T tokens (the plan's select
+    tiles: one row per token whatever G) of one KV head by the group's summed Quest bound
+    s * ((sum_g q_g+) . max + (sum_g q_g-) . min), ranks forced blocks +inf, and keeps each
+    token's top-n (packed keys, bitonic merge, as `_select_kernel`). Tiles whose tokens have
+    at most n candidates read nothing (all blocks are taken). Mirrors paged.select_bounds."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     req, q_off = tile_request(tile_req_ptr, tile_qoff_ptr, tile, False)
     if req < 0:
         return
-    q_len, context, token, group_head, position, row_valid, last_position = \
-        tile_rows(qsl_ptr, seq_lens_ptr, req, q_off, G, GP, BLOCK_T)
-    q_pos, q_neg = _folded_query(q_ptr, token.to(tl.int64), row_valid,
-                                 kv_head * G + group_head, q_tok, q_head, BLOCK_T, GP, D)
+    q_begin = tl.load(qsl_ptr + req)
+    q_len = tl.load(qsl_ptr + req + 1) - q_begin
+    context = tl.load(seq_lens_ptr + req) - q_len
+    last_position = context + tl.minimum(q_off + BLOCK_T, q_len) - 1
+    toks = tl.arange(0, BLOCK_T)
+    tok_valid = q_off + toks < q_len
+    token_ids = (q_begin + q_off + toks).to(tl.int64)
+    q_pos, q_neg = _folded_query(q_ptr, token_ids, tok_valid, kv_head * G, q_tok, q_head,
+                                 BLOCK_T, G, D)
     # Blocks complete at the tile's last token have bounds; none are read when every token
     # has at most n candidates.
     num_bounded = tl.where(last_position < TOPK * SELECT_BLOCK, 0,
                            (last_position + 1) // SELECT_BLOCK)
-    toks = tl.arange(0, BLOCK_T)
-    tok_valid = q_off + toks < q_len
     current_block = (context + q_off + toks) // SELECT_BLOCK                 # [BLOCK_T]
     num_tiles = tl.cdiv(last_position // SELECT_BLOCK + 1, BB)
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
-    token_ids = (tl.load(qsl_ptr + req) + q_off + toks).to(tl.int64)
     best = tl.full([BLOCK_T, BB], -1, tl.int64)
     block_offs = tl.arange(0, BB)
     for c in range(tile_lo, tile_hi):
@@ -478,13 +486,8 @@ def _select_bounds_kernel(
                                     SELECT_BLOCK, D)
         k_min = k_min.to(tl.float32)
         k_max = k_max.to(tl.float32)
-        if BLOCK_T >= 16:
-            bound = (tl.dot(q_pos, tl.trans(k_max), input_precision=DOT_PRECISION)
-                     + tl.dot(q_neg, tl.trans(k_min), input_precision=DOT_PRECISION))
-        else:
-            bound = (tl.sum(q_pos[:, None, :] * k_max[None, :, :], axis=2)
-                     + tl.sum(q_neg[:, None, :] * k_min[None, :, :], axis=2))
-        bound = bound * scale                                               # [BLOCK_T, BB]
+        bound = (tl.dot(q_pos, tl.trans(k_max), input_precision=DOT_PRECISION)
+                 + tl.dot(q_neg, tl.trans(k_min), input_precision=DOT_PRECISION)) * scale
         candidate = (blocks[None, :] <= current_block[:, None]) & tok_valid[:, None]
         forced = candidate & ((blocks[None, :] < INIT_BLOCKS)
                               | (blocks[None, :] > current_block[:, None] - LOCAL_BLOCKS))
@@ -510,7 +513,7 @@ def _score_bounds_decode_kernel(
         blocks_row, num_reqs, num_kv_heads,
         num_splits,         # programs sharing one row's blocks
         scale,
-        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        G: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         SELECT_BLOCK: tl.constexpr, TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr,
         LOCAL_BLOCKS: tl.constexpr,
         BB: tl.constexpr):  # selection blocks per scan tile
@@ -535,9 +538,9 @@ def _score_bounds_decode_kernel(
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     if tile_lo >= tile_hi:
         return
-    group_head = tl.arange(0, GP)
-    q_pos, q_neg = _folded_query(q_ptr, token + group_head * 0, group_head < G,
-                                 kv_head * G + group_head, q_tok, q_head, 1, GP, D)
+    one = tl.arange(0, 1)
+    q_pos, q_neg = _folded_query(q_ptr, token + one, one < 1, kv_head * G, q_tok, q_head,
+                                 1, G, D)
     scores_row = block_scores_ptr + (token * num_kv_heads + kv_head) * blocks_row
     for c in range(tile_lo, tile_hi):
         blocks = c * BB + tl.arange(0, BB)
@@ -598,7 +601,7 @@ def select_bounds(q: torch.Tensor, bound_min_cache: torch.Tensor,
         mn_slot=bound_min_cache.stride(1), mn_head=bound_min_cache.stride(2),
         mx_page=bound_max_cache.stride(0), mx_slot=bound_max_cache.stride(1),
         mx_head=bound_max_cache.stride(2), table_row=block_table.stride(0),
-        num_kv_heads=plan.num_kv_heads, scale=scale, G=plan.group, GP=plan.group_pad,
+        num_kv_heads=plan.num_kv_heads, scale=scale, G=plan.group,
         D=plan.head_dim, PAGE_SIZE=page_size, SELECT_BLOCK=config.select_block,
         TOPK=config.select_topk, INIT_BLOCKS=config.init_blocks,
         LOCAL_BLOCKS=config.local_blocks)
@@ -614,10 +617,10 @@ def select_bounds(q: torch.Tensor, bound_min_cache: torch.Tensor,
             num_kv_heads=plan.num_kv_heads, SELECT_BLOCK=config.select_block,
             TOPK=config.select_topk, CHUNK=min(pow2(plan.blocks_row), 1024))
         return block_indices
-    _select_bounds_kernel[(plan.num_q_tiles, plan.num_kv_heads, plan.scan_splits)](
-        tile_req_ptr=plan.tile_req, tile_qoff_ptr=plan.tile_qoff, indices_ptr=block_indices,
-        candidates_ptr=plan.select_candidates, num_splits=plan.scan_splits,
-        BLOCK_T=plan.block_t, BB=plan.select_tile_blocks,
+    _select_bounds_kernel[(plan.num_select_tiles, plan.num_kv_heads, plan.scan_splits)](
+        tile_req_ptr=plan.select_tile_req, tile_qoff_ptr=plan.select_tile_qoff,
+        indices_ptr=block_indices, candidates_ptr=plan.select_candidates,
+        num_splits=plan.scan_splits, BLOCK_T=plan.select_block_t, BB=plan.select_tile_blocks,
         DOT_PRECISION=plan.dot_precision, **common)
     if plan.select_candidates is not None:
         _merge_topk_kernel[grid](
