@@ -51,6 +51,7 @@ from vllm_nsa.kernels.triton import (  # noqa: E402
     score,
     select,
 )
+from vllm_nsa.kernels.triton import plan as plan_module  # noqa: E402
 from vllm_nsa.provenance import git_commit  # noqa: E402
 
 CFG = NSAConfig()  # paper: l=32, d=16, l'=64, n=16, w=512; the NSA checkpoints' scorer
@@ -186,6 +187,38 @@ MODES = ((True, CFG), (False, CFG), (False, CFG_BOUNDS))
 
 def mode_name(gated, cfg):
     return "gated" if gated else f"merged-{cfg.selection_score}"
+
+
+def select_sweep():
+    """The "bounds" prefill select alone at 64k for select tiles of 16/32/64 tokens (the
+    plan's BOUNDS_SELECT_TOKENS), both shapes: what the tile size buys."""
+    log("== bounds select at T=65536 by select tile (tokens) ==")
+    rows = []
+    default = plan_module.BOUNDS_SELECT_TOKENS
+    T = 65536
+    for hq, h in ((32, 8), (64, 4)):
+        b = paged_batch([T], h, gen_seed=T + hq)
+        q = torch.randn(T, hq, D, device=DEV, dtype=DT)
+        qsl = torch.tensor([0, T], dtype=torch.int32, device=DEV)
+        for tokens in (16, 32, 64):
+            plan_module.BOUNDS_SELECT_TOKENS = tokens
+            try:
+                plan = nsa_triton.make_plan(q, b["key_cache"], b["value_cache"], b["table"],
+                                            qsl, CFG_BOUNDS, False, max_query_len=T,
+                                            scan_bound=T)
+                ms = bench(lambda: nsa_triton.select_bounds(
+                    q, b["bounds_cmp_key"], b["bounds_cmp_value"], b["table"], qsl,
+                    b["seq_lens"], CFG_BOUNDS, D ** -0.5, PAGE, plan))
+            except Exception as exc:
+                log(f"  ({hq},{h}) {tokens} tokens failed: {exc!r}")
+                ms = float("nan")
+            log(f"  ({hq},{h}) select tile {tokens:3d} tokens: {ms:8.2f} ms")
+            rows.append(dict(HQ=hq, H=h, T=T, select_tokens=tokens, select_ms=ms))
+        torch.cuda.empty_cache()
+    plan_module.BOUNDS_SELECT_TOKENS = default
+    RESULTS["select_sweep"] = rows
+    dump()
+    return rows
 
 
 def correctness():
@@ -614,6 +647,8 @@ def main():
     if "prefill" in parts:
         prefill(fa3, load_fla())
         log(f"[{time.time() - t0:.0f}s]")
+    if "select" in parts:
+        select_sweep()
     if "variants" in parts:
         RESULTS["compiled_variants_after_warm_up"] = compiled_variants()
         dump()
