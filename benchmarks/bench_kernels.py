@@ -43,16 +43,13 @@ except ModuleNotFoundError:  # a bare checkout (the GPU machine): map kernels/ b
 from vllm_nsa.config import NSAConfig  # noqa: E402
 from vllm_nsa.kernels import paged, reference  # noqa: E402
 from vllm_nsa.kernels import triton as nsa_triton  # noqa: E402
-from vllm_nsa.kernels.triton import (  # noqa: E402
-    attend,
-    bounds,
-    combine,
-    compress,
-    score,
-    select,
-)
 from vllm_nsa.kernels.triton import plan as plan_module  # noqa: E402
 from vllm_nsa.provenance import git_commit  # noqa: E402
+
+# The stage modules (the package re-exports functions of the same names).
+STAGES = {name: importlib.import_module(f"vllm_nsa.kernels.triton.{name}")
+          for name in ("compress", "bounds", "score", "select", "attend", "combine")}
+attend_module = STAGES["attend"]
 
 CFG = NSAConfig()  # paper: l=32, d=16, l'=64, n=16, w=512; the NSA checkpoints' scorer
 # What a dense model served with the NSA backend gets with no flags: the paper's parameters
@@ -189,18 +186,22 @@ def mode_name(gated, cfg):
     return "gated" if gated else f"merged-{cfg.selection_score}"
 
 
-def select_sweep():
-    """The "bounds" prefill select alone at 64k for select tiles of 16/32/64 tokens (the
-    plan's BOUNDS_SELECT_TOKENS), both shapes: what the tile size buys."""
-    log("== bounds select at T=65536 by select tile (tokens) ==")
+UNION_LAUNCHES = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+
+
+def tune():
+    """At 64k, both shapes, the "bounds" default's two prefill stages alone: the select for
+    tiles of 32/64/128 tokens (plan.BOUNDS_SELECT_TOKENS), the union attention for each
+    launch option in UNION_LAUNCHES (attend.UNION_LAUNCH)."""
+    log("== bounds select at T=65536 by select tile (tokens); union attend by launch ==")
     rows = []
-    default = plan_module.BOUNDS_SELECT_TOKENS
+    default, default_launch = plan_module.BOUNDS_SELECT_TOKENS, attend_module.UNION_LAUNCH
     T = 65536
     for hq, h in ((32, 8), (64, 4)):
         b = paged_batch([T], h, gen_seed=T + hq)
         q = torch.randn(T, hq, D, device=DEV, dtype=DT)
         qsl = torch.tensor([0, T], dtype=torch.int32, device=DEV)
-        for tokens in (16, 32, 64):
+        for tokens in (32, 64, 128):
             plan_module.BOUNDS_SELECT_TOKENS = tokens
             try:
                 plan = nsa_triton.make_plan(q, b["key_cache"], b["value_cache"], b["table"],
@@ -214,9 +215,27 @@ def select_sweep():
                 ms = float("nan")
             log(f"  ({hq},{h}) select tile {tokens:3d} tokens: {ms:8.2f} ms")
             rows.append(dict(HQ=hq, H=h, T=T, select_tokens=tokens, select_ms=ms))
+        plan_module.BOUNDS_SELECT_TOKENS = default
+        plan = nsa_triton.make_plan(q, b["key_cache"], b["value_cache"], b["table"], qsl,
+                                    CFG_BOUNDS, False, max_query_len=T, scan_bound=T)
+        indices = nsa_triton.select_bounds(
+            q, b["bounds_cmp_key"], b["bounds_cmp_value"], b["table"], qsl, b["seq_lens"],
+            CFG_BOUNDS, D ** -0.5, PAGE, plan)
+        out = torch.empty_like(q)
+        for launch in UNION_LAUNCHES:
+            attend_module.UNION_LAUNCH = launch
+            try:
+                ms = bench(lambda: nsa_triton.attend(
+                    q, b["key_cache"], b["value_cache"], b["table"], qsl, b["seq_lens"],
+                    indices, CFG_BOUNDS, D ** -0.5, out, None, plan))
+            except Exception as exc:
+                log(f"  ({hq},{h}) union attend {launch} failed: {exc!r}")
+                ms = float("nan")
+            log(f"  ({hq},{h}) union attend {launch}: {ms:8.2f} ms")
+            rows.append(dict(HQ=hq, H=h, T=T, union_launch=launch, attend_ms=ms))
+        attend_module.UNION_LAUNCH = default_launch
         torch.cuda.empty_cache()
-    plan_module.BOUNDS_SELECT_TOKENS = default
-    RESULTS["select_sweep"] = rows
+    RESULTS["tune"] = rows
     dump()
     return rows
 
@@ -531,7 +550,7 @@ def compiled_variants():
     must be zero."""
     log("== compiled variants after warm-up: decode 1..40, prefill and mixed batches ==")
     kernels = {name: getattr(module, name)
-               for module in (compress, bounds, score, select, attend, combine)
+               for module in STAGES.values()
                for name in dir(module)
                if name.endswith("_kernel") and hasattr(getattr(module, name), "device_caches")}
 
@@ -647,8 +666,8 @@ def main():
     if "prefill" in parts:
         prefill(fa3, load_fla())
         log(f"[{time.time() - t0:.0f}s]")
-    if "select" in parts:
-        select_sweep()
+    if "tune" in parts:
+        tune()
     if "variants" in parts:
         RESULTS["compiled_variants_after_warm_up"] = compiled_variants()
         dump()

@@ -24,6 +24,9 @@ from vllm_nsa.kernels.triton.common import (
 )
 from vllm_nsa.kernels.triton.plan import StepPlan, pow2
 
+# Launch options of `_attend_union_kernel` (bench_kernels' "tune" part sweeps them).
+UNION_LAUNCH = dict(num_warps=4, num_stages=3)
+
 
 @triton.jit
 def _attend_tile(q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions, ok,
@@ -286,7 +289,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
             PAGE_SIZE=plan.page_size, SELECT_BLOCK=config.select_block,
             BLOCK_K=plan.block_k, TOPK=config.select_topk,
             TOPK_PAD=pow2(config.select_topk), WINDOW=config.window, GATED=gated,
-            DOT_PRECISION=plan.dot_precision)
+            DOT_PRECISION=plan.dot_precision, **UNION_LAUNCH)
         return
     parts = plan.attend_parts
     split = parts is not None

@@ -18,9 +18,10 @@ from vllm_nsa.support import check_supported
 # Rows of a query tile in the tensor-core dots (tl.dot needs >= 16).
 MIN_ROWS = 16
 # Tokens per prefill tile of the "bounds" selection: it scores each token's folded query
-# (one row per token, not per head), so its tiles need not shrink with G; 32 tokens fill
-# the dot's rows and share each block's bounds loads.
-BOUNDS_SELECT_TOKENS = 32
+# (one row per token, not per head), so its tiles need not shrink with G. Each tile reads
+# every block's bounds once for all its tokens: at 64k on an H200 the select took 16.5 /
+# 9.0 / 5.6 ms at (32, 8) with 16 / 32 / 64 tokens (BENCHMARKS.md).
+BOUNDS_SELECT_TOKENS = 64
 # Split counts are runtime arguments (a new batch shape never compiles a new kernel); the
 # merges size their loads by this cap.
 MAX_SPLITS = 64
