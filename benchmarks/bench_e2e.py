@@ -20,7 +20,8 @@ Each (shape, backend) is one engine in its own process, with every context run i
   compressed entries, so NSA holds fewer tokens in the same memory);
 - prefill tok/s: B fresh random prompts of the context length, max_tokens=1 (chunked
   prefill as vLLM schedules it; one warm-up request of the longest context first compiles
-  most kernel variants before anything is timed);
+  most kernel variants before anything is timed), in PREFILL_ROUNDS rounds of B / rounds
+  prompts: the median round's tok/s and the spread of all rounds;
 - decode: the same prompts again (prefix-cache hits) with max_tokens=1 and then with
   1 + decode_steps (ignore_eos); step time = difference / decode_steps, tok/s = B / step
   each round pairs a decode pass with its own cached pass (step = their difference /
@@ -66,6 +67,7 @@ SHAPES = {
                  rope_theta=10_000.0, decode_steps=8),
 }
 PROFILE_STEPS = 16
+PREFILL_ROUNDS = 5  # prefill rounds per context (the batch split between them)
 DECODE_ROUNDS = 5   # timed (cached pass, decode) pairs per context, after one warm-up
 STALL_TOLERANCE = 0.10   # a round this far from the median step is reported as a stall
 # Kernel-name fragments -> the group a profiled kernel's time is reported under.
@@ -155,9 +157,16 @@ def bench_engine(args, shape_name: str, backend: str) -> dict:
     for ctx in contexts:
         batch = batches[ctx]
         prompts = random_prompts(rng, batch, ctx, shape["vocab"])
-        t = time.perf_counter()
-        llm.generate(prompts, one, use_tqdm=False)
-        prefill_s = time.perf_counter() - t
+        # Prefill in PREFILL_ROUNDS rounds of B / PREFILL_ROUNDS fresh prompts each: a median
+        # and its spread for the same total work as one batch of B.
+        rounds = min(PREFILL_ROUNDS, batch)
+        prefill_rounds_s = []
+        for r in range(rounds):
+            t = time.perf_counter()
+            llm.generate(prompts[r::rounds], one, use_tqdm=False)
+            prefill_rounds_s.append(time.perf_counter() - t)
+        prefill_tok_s_rounds = [len(prompts[r::rounds]) * ctx / sec
+                                for r, sec in enumerate(prefill_rounds_s)]
         # The first round JIT-compiles the kernel variants of the cached-tail pass (few
         # tokens per request over a long context); the median of the later rounds is timed
         # (a single round can catch a one-off host stall in either pass).
@@ -177,8 +186,11 @@ def bench_engine(args, shape_name: str, backend: str) -> dict:
         middle = statistics.median(round_steps_ms)
         steady = [x for x in round_steps_ms if abs(x - middle) <= STALL_TOLERANCE * middle]
         step_ms = statistics.median(steady)
-        entry = {"context": ctx, "batch": batch, "prefill_s": prefill_s,
-                 "prefill_tok_s": batch * ctx / prefill_s,
+        entry = {"context": ctx, "batch": batch, "prefill_s": sum(prefill_rounds_s),
+                 "prefill_rounds_s": prefill_rounds_s,
+                 "prefill_tok_s": statistics.median(prefill_tok_s_rounds),
+                 "prefill_tok_s_spread": [min(prefill_tok_s_rounds),
+                                          max(prefill_tok_s_rounds)],
                  "cached_pass_s": statistics.median(cached_times[1:]),
                  "cached_pass_rounds_s": cached_times, "decode_rounds_s": decode_times,
                  "decode_step_rounds_ms": round_steps_ms,
@@ -262,7 +274,8 @@ def summarize_profile(profile_dir: str, steps: int, wall_s: float, ctx: int,
 def print_table(results: list[dict]) -> None:
     by_key = {(r["shape"], r["backend"]): r for r in results}
     print(f"\n{'shape':<8} {'backend':<10} {'start s':>7} {'KV tokens':>10} {'ctx':>6} "
-          f"{'B':>4} {'prefill tok/s':>13} {'step ms':>8} {'spread':>13} {'stalls':>6} "
+          f"{'B':>4} {'prefill tok/s':>13} {'prefill spread':>15} {'step ms':>8} "
+          f"{'spread':>13} {'stalls':>6} "
           f"{'decode tok/s':>12} "
           f"{'read frac':>9} {'decode vs FA':>12} {'prefill vs FA':>13}")
     for r in results:
@@ -272,11 +285,13 @@ def print_table(results: list[dict]) -> None:
                        None) if base else None
             speed = f"{ref['decode_step_ms'] / c['decode_step_ms']:.2f}x" if ref else "-"
             low, high = c["decode_step_spread_ms"]
+            p_low, p_high = c["prefill_tok_s_spread"]
             prefill = f"{c['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x" if ref else "-"
             frac = f"{c['read_fraction']:.3f}" if "read_fraction" in c else "-"
             print(f"{r['shape']:<8} {r['backend']:<10} {r['engine_start_s']:>7.1f} "
                   f"{r['kv_cache_tokens']:>10} {c['context']:>6} {c['batch']:>4} "
-                  f"{c['prefill_tok_s']:>13.0f} {c['decode_step_ms']:>8.2f} "
+                  f"{c['prefill_tok_s']:>13.0f} {p_low:>7.0f}-{p_high:<7.0f} "
+                  f"{c['decode_step_ms']:>8.2f} "
                   f"{low:>6.2f}-{high:<6.2f} {c['stalled_rounds']:>6} "
                   f"{c['decode_tok_s']:>12.1f} {frac:>9} {speed:>12} {prefill:>13}")
     for r in results:
