@@ -7,6 +7,7 @@ interpreter must be on before anything imports Triton, and vLLM (imported by oth
 modules) must not run with it, so this module gets a pytest process of its own.
 """
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -94,15 +95,15 @@ def test_compress_matches_twin(page_size):
 @pytest.mark.parametrize("config, group, page_size, gated, hints", [
     ("paper", 1, 16, False, dict(num_splits=1)),
     ("paper", 3, 32, True, dict(num_splits=1)),
-    ("paper", 4, 64, False, dict(num_splits=3)),
+    ("paper", 4, 64, False, dict(num_splits=3, prefill_attend="token")),
     ("paper", 3, 128, True, dict(num_splits=2, scan_bound=384)),
     ("paper", 16, 32, False, dict(num_splits=1)),
     ("fla", 4, 16, True, dict(num_splits=4)),
     ("fla", 3, 16, False, dict(num_splits=2)),
     ("fine", 4, 32, True, dict()),
-    # prefill rows by query tile over the union of their blocks (issue 15's tiling)
-    ("paper", 3, 32, True, dict(prefill_attend="union")),
-    ("fine", 4, 32, False, dict(prefill_attend="union")),
+    # prefill rows by (token, KV head) program, the tiling before union tiles
+    ("paper", 3, 32, True, dict(prefill_attend="token")),
+    ("fine", 4, 32, False, dict(prefill_attend="token")),
 ])
 def test_attention_matches_twin(config, group, page_size, gated, hints):
     _, _, _, _, results = run_both(CONFIGS[config], group, page_size, gated, **hints)
@@ -379,7 +380,7 @@ def test_bounds_write_matches_twin(config, page_size):
     # split scans and their top-n merge (its sort is slow in the interpreter: few tokens)
     ("paper", 4, 128, dict(num_splits=3, scan_bound=384), True),
     ("fla", 3, 16, dict(num_splits=2), True),
-    ("paper", 16, 32, dict(prefill_attend="union"), False),
+    ("paper", 16, 32, dict(prefill_attend="token"), False),
 ])
 def test_bounds_attention_matches_twin(config, group, page_size, hints, small):
     lens = dict(seq_lens=[450, 300, 100], query_lens=[2, 1, 1]) if small else {}
@@ -392,8 +393,8 @@ def test_bounds_attention_matches_twin(config, group, page_size, hints, small):
 
 
 def test_prefill_attend_choice():
-    """The union tiling serves prefill plans only (decode keeps one program per row) and
-    an unknown choice is refused by name."""
+    """The union tiling serves prefill plans only (decode keeps one program per row), it
+    is the default, and an unknown choice is refused by name."""
     cfg = CONFIGS["paper"]
     key_cache = torch.zeros(4, 16, H, D)
     table = torch.zeros(2, 4, dtype=torch.int32)
@@ -403,6 +404,13 @@ def test_prefill_attend_choice():
         plan = triton_nsa.make_plan(q, key_cache, key_cache, table, qsl, cfg, False,
                                     max_query_len=query_len, prefill_attend="union")
         assert plan.attend_union is union and (plan.attend_parts is None or not union)
+        default = triton_nsa.make_plan(q, key_cache, key_cache, table, qsl, cfg, False,
+                                       max_query_len=query_len)
+        if "VLLM_NSA_PREFILL_ATTEND" not in os.environ:     # what a user gets with no flags
+            assert default.attend_union is union
+        token = triton_nsa.make_plan(q, key_cache, key_cache, table, qsl, cfg, False,
+                                     max_query_len=query_len, prefill_attend="token")
+        assert not token.attend_union
     with pytest.raises(ValueError, match="'tiles'.*token, union"):
         triton_nsa.make_plan(q, key_cache, key_cache, table, qsl, cfg, False,
                              prefill_attend="tiles")

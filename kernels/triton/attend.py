@@ -2,9 +2,9 @@
 Merged mode skips window tiles whose selection block was already attended (no position
 counted twice) and keeps one accumulator; gated mode keeps the window as its own branch.
 Two tilings of the same math: `_attend_kernel`, one program per (token, KV head) (decode,
-and prefill by default), and `_attend_union_kernel`, one program per (query tile, KV head)
-over the union of its tokens' blocks (prefill; plan.attend_union). Twin: paged.attend /
-reference.attend."""
+and prefill with prefill_attend="token"), and `_attend_union_kernel`, one program per (query
+tile, KV head) over the union of its tokens' blocks (prefill by default; plan.attend_union).
+Twin: paged.attend / reference.attend."""
 from __future__ import annotations
 
 import torch
