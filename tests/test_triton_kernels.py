@@ -392,6 +392,18 @@ def test_bounds_attention_matches_twin(config, group, page_size, hints, small):
     torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
 
 
+def test_bounds_chunks_longer_than_a_select_tile():
+    """Prefill chunks over cached context that span several of the bounds select's
+    64-token tiles (plan.BOUNDS_SELECT_TOKENS): block sets and outputs equal the twin's.
+    (Split scans are covered above with few tokens: their top-n merge, over MAX_SPLITS
+    candidate rows per token, takes minutes per 100 tokens in the interpreter.)"""
+    _, _, _, _, results = run_bounds(bounds_config("paper"), 3, 32, seq_lens=[420, 300],
+                                     query_lens=[150, 70], num_splits=1)
+    (twin_out, twin_idx), (out, idx) = results["twin"], results["triton"]
+    assert torch.equal(idx, twin_idx)
+    torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
+
+
 def test_prefill_attend_choice():
     """The union tiling serves prefill plans only (decode keeps one program per row), it
     is the default, and an unknown choice is refused by name."""
