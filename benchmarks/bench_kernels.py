@@ -186,6 +186,18 @@ def mode_name(gated, cfg):
     return "gated" if gated else f"merged-{cfg.selection_score}"
 
 
+def bench_or_nan(label, fn):
+    """bench(fn), logged under label; NaN (and the error logged) when it fails, so a sweep
+    goes on past an option that does not compile."""
+    try:
+        ms = bench(fn)
+    except Exception as exc:
+        log(f"  {label} failed: {exc!r}")
+        ms = float("nan")
+    log(f"  {label}: {ms:8.2f} ms")
+    return ms
+
+
 UNION_LAUNCHES = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
 
 
@@ -203,17 +215,12 @@ def tune():
         qsl = torch.tensor([0, T], dtype=torch.int32, device=DEV)
         for tokens in (32, 64, 128):
             plan_module.BOUNDS_SELECT_TOKENS = tokens
-            try:
-                plan = nsa_triton.make_plan(q, b["key_cache"], b["value_cache"], b["table"],
-                                            qsl, CFG_BOUNDS, False, max_query_len=T,
-                                            scan_bound=T)
-                ms = bench(lambda: nsa_triton.select_bounds(
-                    q, b["bounds_cmp_key"], b["bounds_cmp_value"], b["table"], qsl,
-                    b["seq_lens"], CFG_BOUNDS, D ** -0.5, PAGE, plan))
-            except Exception as exc:
-                log(f"  ({hq},{h}) {tokens} tokens failed: {exc!r}")
-                ms = float("nan")
-            log(f"  ({hq},{h}) select tile {tokens:3d} tokens: {ms:8.2f} ms")
+            plan = nsa_triton.make_plan(q, b["key_cache"], b["value_cache"], b["table"], qsl,
+                                        CFG_BOUNDS, False, max_query_len=T, scan_bound=T)
+            ms = bench_or_nan(f"({hq},{h}) select tile {tokens:3d} tokens",
+                              lambda: nsa_triton.select_bounds(
+                                  q, b["bounds_cmp_key"], b["bounds_cmp_value"], b["table"],
+                                  qsl, b["seq_lens"], CFG_BOUNDS, D ** -0.5, PAGE, plan))
             rows.append(dict(HQ=hq, H=h, T=T, select_tokens=tokens, select_ms=ms))
         plan_module.BOUNDS_SELECT_TOKENS = default
         plan = nsa_triton.make_plan(q, b["key_cache"], b["value_cache"], b["table"], qsl,
@@ -224,14 +231,9 @@ def tune():
         out = torch.empty_like(q)
         for launch in UNION_LAUNCHES:
             attend_module.UNION_LAUNCH = launch
-            try:
-                ms = bench(lambda: nsa_triton.attend(
-                    q, b["key_cache"], b["value_cache"], b["table"], qsl, b["seq_lens"],
-                    indices, CFG_BOUNDS, D ** -0.5, out, None, plan))
-            except Exception as exc:
-                log(f"  ({hq},{h}) union attend {launch} failed: {exc!r}")
-                ms = float("nan")
-            log(f"  ({hq},{h}) union attend {launch}: {ms:8.2f} ms")
+            ms = bench_or_nan(f"({hq},{h}) union attend {launch}", lambda: nsa_triton.attend(
+                q, b["key_cache"], b["value_cache"], b["table"], qsl, b["seq_lens"], indices,
+                CFG_BOUNDS, D ** -0.5, out, None, plan))
             rows.append(dict(HQ=hq, H=h, T=T, union_launch=launch, attend_ms=ms))
         attend_module.UNION_LAUNCH = default_launch
         torch.cuda.empty_cache()
