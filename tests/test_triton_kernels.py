@@ -392,13 +392,13 @@ def test_bounds_attention_matches_twin(config, group, page_size, hints, small):
     torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
 
 
-def test_bounds_chunks_longer_than_a_select_tile():
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_bounds_chunks_longer_than_a_select_tile(num_splits):
     """Prefill chunks over cached context that span several of the bounds select's
-    64-token tiles (plan.BOUNDS_SELECT_TOKENS): block sets and outputs equal the twin's.
-    (Split scans are covered above with few tokens: their top-n merge, over MAX_SPLITS
-    candidate rows per token, takes minutes per 100 tokens in the interpreter.)"""
+    64-token tiles (plan.BOUNDS_SELECT_TOKENS), unsplit and with the scan split in three
+    (then merged split by split): block sets and outputs equal the twin's."""
     _, _, _, _, results = run_bounds(bounds_config("paper"), 3, 32, seq_lens=[420, 300],
-                                     query_lens=[150, 70], num_splits=1)
+                                     query_lens=[150, 70], num_splits=num_splits)
     (twin_out, twin_idx), (out, idx) = results["twin"], results["triton"]
     assert torch.equal(idx, twin_idx)
     torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)

@@ -29,7 +29,7 @@ from vllm_nsa.kernels.triton.common import (
     tile_request,
     tile_rows,
 )
-from vllm_nsa.kernels.triton.plan import MAX_SPLITS, StepPlan, pow2
+from vllm_nsa.kernels.triton.plan import StepPlan, pow2
 
 
 @triton.jit
@@ -258,18 +258,20 @@ def _merge_topk_kernel(
         qsl_ptr,            # [R+1] int32 query_start_loc
         indices_ptr,        # [N, H, TOPK] int32 out
         num_reqs, num_kv_heads, num_splits,
-        SPLITS_PAD: tl.constexpr,   # a power of two >= num_splits
         BB: tl.constexpr, TOPK: tl.constexpr):
     """Grid (N, H): one program merges one (token, KV head)'s per-split top-n candidates
-    into its ascending top-n indices. Padding tokens are skipped."""
+    into its ascending top-n indices, one split at a time (`_keep_top`: a sort of 2 BB keys
+    per split that improves, not one sort over every split's keys). Padding tokens are
+    skipped."""
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     if token < tl.load(qsl_ptr + num_reqs):
-        offs = tl.arange(0, SPLITS_PAD * BB)
-        keys = tl.load(candidates_ptr + (token * num_kv_heads + kv_head) * num_splits * BB
-                       + offs, mask=offs < num_splits * BB, other=-1)
-        keys = tl.sort(keys, descending=True)
-        indices = _keys_to_indices(keys, offs, TOPK)
+        offs = tl.arange(0, BB)[None, :]
+        row = candidates_ptr + (token * num_kv_heads + kv_head) * num_splits * BB
+        best = tl.full([1, BB], -1, tl.int64)
+        for split in range(num_splits):
+            best = _keep_top(best, tl.load(row + split * BB + offs), 1, BB)
+        indices = _keys_to_indices(best, offs, TOPK)
         tl.store(indices_ptr + (token * num_kv_heads + kv_head) * TOPK + offs, indices,
                  mask=offs < TOPK)
 
@@ -382,7 +384,7 @@ def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tens
         _merge_topk_kernel[grid](
             candidates_ptr=plan.select_candidates, qsl_ptr=query_start_loc,
             indices_ptr=block_indices, num_reqs=plan.num_reqs, num_kv_heads=plan.num_kv_heads,
-            num_splits=plan.scan_splits, SPLITS_PAD=MAX_SPLITS, BB=plan.select_tile_blocks,
+            num_splits=plan.scan_splits, BB=plan.select_tile_blocks,
             TOPK=config.select_topk)
     return block_indices
 
@@ -626,6 +628,6 @@ def select_bounds(q: torch.Tensor, bound_min_cache: torch.Tensor,
         _merge_topk_kernel[grid](
             candidates_ptr=plan.select_candidates, qsl_ptr=query_start_loc,
             indices_ptr=block_indices, num_reqs=plan.num_reqs, num_kv_heads=plan.num_kv_heads,
-            num_splits=plan.scan_splits, SPLITS_PAD=MAX_SPLITS, BB=plan.select_tile_blocks,
+            num_splits=plan.scan_splits, BB=plan.select_tile_blocks,
             TOPK=config.select_topk)
     return block_indices
