@@ -17,11 +17,14 @@ the JSON; default benchmarks/results). Prints tables; writes kernels_<device>.js
 """
 from __future__ import annotations
 
+import cProfile
 import datetime
 import importlib
+import io
 import json
 import math
 import os
+import pstats
 import sys
 import time
 import types
@@ -199,43 +202,54 @@ def bench_or_nan(label, fn):
 
 
 UNION_LAUNCHES = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+UNION_ROWS = (64, 128)
 
 
 def tune():
     """At 64k, both shapes, the "bounds" default's two prefill stages alone: the select for
-    tiles of 32/64/128 tokens (plan.BOUNDS_SELECT_TOKENS), the union attention for each
-    launch option in UNION_LAUNCHES (attend.UNION_LAUNCH)."""
-    log("== bounds select at T=65536 by select tile (tokens); union attend by launch ==")
+    tiles of 32/64/128 tokens (plan.BOUNDS_SELECT_TOKENS), the union attention for tiles
+    of UNION_ROWS rows (plan.UNION_ROWS) x each launch option in UNION_LAUNCHES
+    (attend.UNION_LAUNCH)."""
+    log("== bounds select at T=65536 by select tile (tokens); union attend by rows, launch ==")
     rows = []
     default, default_launch = plan_module.BOUNDS_SELECT_TOKENS, attend_module.UNION_LAUNCH
+    default_rows = plan_module.UNION_ROWS
     T = 65536
     for hq, h in ((32, 8), (64, 4)):
         b = paged_batch([T], h, gen_seed=T + hq)
         q = torch.randn(T, hq, D, device=DEV, dtype=DT)
         qsl = torch.tensor([0, T], dtype=torch.int32, device=DEV)
+
+        def make_plan():
+            return nsa_triton.make_plan(q, b["key_cache"], b["value_cache"], b["table"], qsl,
+                                        CFG_BOUNDS, False, max_query_len=T, scan_bound=T)
         for tokens in (32, 64, 128):
             plan_module.BOUNDS_SELECT_TOKENS = tokens
-            plan = nsa_triton.make_plan(q, b["key_cache"], b["value_cache"], b["table"], qsl,
-                                        CFG_BOUNDS, False, max_query_len=T, scan_bound=T)
+            plan = make_plan()
             ms = bench_or_nan(f"({hq},{h}) select tile {tokens:3d} tokens",
                               lambda: nsa_triton.select_bounds(
                                   q, b["bounds_cmp_key"], b["bounds_cmp_value"], b["table"],
                                   qsl, b["seq_lens"], CFG_BOUNDS, D ** -0.5, PAGE, plan))
             rows.append(dict(HQ=hq, H=h, T=T, select_tokens=tokens, select_ms=ms))
         plan_module.BOUNDS_SELECT_TOKENS = default
-        plan = nsa_triton.make_plan(q, b["key_cache"], b["value_cache"], b["table"], qsl,
-                                    CFG_BOUNDS, False, max_query_len=T, scan_bound=T)
+        plan = make_plan()
         indices = nsa_triton.select_bounds(
             q, b["bounds_cmp_key"], b["bounds_cmp_value"], b["table"], qsl, b["seq_lens"],
             CFG_BOUNDS, D ** -0.5, PAGE, plan)
         out = torch.empty_like(q)
-        for launch in UNION_LAUNCHES:
-            attend_module.UNION_LAUNCH = launch
-            ms = bench_or_nan(f"({hq},{h}) union attend {launch}", lambda: nsa_triton.attend(
-                q, b["key_cache"], b["value_cache"], b["table"], qsl, b["seq_lens"], indices,
-                CFG_BOUNDS, D ** -0.5, out, None, plan))
-            rows.append(dict(HQ=hq, H=h, T=T, union_launch=launch, attend_ms=ms))
-        attend_module.UNION_LAUNCH = default_launch
+        for union_rows in UNION_ROWS:
+            plan_module.UNION_ROWS = union_rows
+            plan = make_plan()
+            for launch in UNION_LAUNCHES:
+                attend_module.UNION_LAUNCH = launch
+                ms = bench_or_nan(
+                    f"({hq},{h}) union attend {union_rows} rows {launch}",
+                    lambda: nsa_triton.attend(q, b["key_cache"], b["value_cache"], b["table"],
+                                              qsl, b["seq_lens"], indices, CFG_BOUNDS,
+                                              D ** -0.5, out, None, plan))
+                rows.append(dict(HQ=hq, H=h, T=T, union_rows=union_rows,
+                                 union_launch=launch, attend_ms=ms))
+        plan_module.UNION_ROWS, attend_module.UNION_LAUNCH = default_rows, default_launch
         torch.cuda.empty_cache()
     RESULTS["tune"] = rows
     dump()
@@ -591,7 +605,7 @@ def compiled_variants():
     return added
 
 
-def host_time():
+def host_time(profile=False):
     """Host (CPU) time of one layer's eager NSA forward in a mixed batch (the path of every
     step with a prefill chunk): the plan made once per step, then per layer compress +
     score + select + attend launches. Small shapes, so the GPU never holds the host back."""
@@ -625,6 +639,14 @@ def host_time():
         for _ in range(calls):
             layer(plan)
         host_us = (time.perf_counter() - start) / calls * 1e6
+        if profile:
+            # Where the host time goes: the top functions by own time over the same calls.
+            torch.cuda.synchronize()
+            profiler = cProfile.Profile()
+            profiler.runcall(lambda: [layer(plan) for _ in range(calls)])
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+            log("\n".join(line for line in text.getvalue().splitlines()[5:] if line.strip()))
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(20):
@@ -673,8 +695,8 @@ def main():
     if "variants" in parts:
         RESULTS["compiled_variants_after_warm_up"] = compiled_variants()
         dump()
-    if "host" in parts:
-        RESULTS["host_time"] = host_time()
+    if "host" in parts or "hostprof" in parts:
+        RESULTS["host_time"] = host_time(profile="hostprof" in parts)
         dump()
     if "decode" in parts:
         decode(fa3, bw)

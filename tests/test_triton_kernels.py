@@ -392,12 +392,14 @@ def test_bounds_attention_matches_twin(config, group, page_size, hints, small):
     torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_bounds_chunks_longer_than_a_select_tile(num_splits):
+@pytest.mark.parametrize("group, num_splits", [(3, 1), (3, 3), (1, 1)])
+def test_bounds_chunks_longer_than_a_select_tile(group, num_splits):
     """Prefill chunks over cached context that span several of the bounds select's
-    64-token tiles (plan.BOUNDS_SELECT_TOKENS), unsplit and with the scan split in three
-    (then merged split by split): block sets and outputs equal the twin's."""
-    _, _, _, _, results = run_bounds(bounds_config("paper"), 3, 32, seq_lens=[420, 300],
+    64-token tiles (plan.BOUNDS_SELECT_TOKENS) and several union attention tiles (16
+    tokens at G = 3; 64 at G = 1, every bit of the union lists' token masks), unsplit and
+    with the scan split in three (then merged split by split): block sets and outputs
+    equal the twin's."""
+    _, _, _, _, results = run_bounds(bounds_config("paper"), group, 32, seq_lens=[420, 300],
                                      query_lens=[150, 70], num_splits=num_splits)
     (twin_out, twin_idx), (out, idx) = results["twin"], results["triton"]
     assert torch.equal(idx, twin_idx)

@@ -24,9 +24,11 @@ from vllm_nsa.kernels.triton.common import (
 )
 from vllm_nsa.kernels.triton.plan import StepPlan, pow2
 
-# Launch options of `_attend_union_kernel` (bench_kernels' "tune" part sweeps them: on an
-# H200 at 64k, 1 stage beat 3 by 9% and 8 warps lost 1.7x; its loop is data-dependent).
-UNION_LAUNCH = dict(num_warps=4, num_stages=1)
+# Launch options of `_attend_union_kernel` (bench_kernels' "tune" part sweeps them): its
+# loop walks a precomputed list, so the next block's keys can be prefetched. On an H100
+# at 64k, (32, 8): 30.0 / 27.1 / 26.0 ms with 1 / 2 / 3 stages; (64, 4): 23.5 / 20.7 /
+# 21.9 ms; 8 warps lost 1.7-1.9x.
+UNION_LAUNCH = dict(num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -170,15 +172,37 @@ def _attend_kernel(
                 part + last_set * num_splits, row_max, row_sum, acc, row_valid, DV)
 
 
-@triton.jit(do_not_specialize=["num_kv_heads"])
+@triton.jit
+def _union_list(selected, list_base, bits_base, BLOCK_T: tl.constexpr):
+    """Write the union of a tile's selected blocks ([BLOCK_T, TOPK_PAD], -1 padded) to
+    list_base ascending and, per block, a bit per tile token that selected it to bits_base;
+    returns its length. Reads nothing but `selected` (a few small reductions per block)."""
+    NONE: tl.constexpr = 2 ** 30
+    token_bits = tl.full([BLOCK_T], 1, tl.int64) << tl.arange(0, BLOCK_T).to(tl.int64)
+    count = 0
+    block = tl.min(tl.min(tl.where(selected >= 0, selected, NONE), axis=1), axis=0)
+    while block < NONE:
+        # A token selects a block at most once: the sum of its bits is their union.
+        bits = tl.sum(tl.where(tl.max((selected == block).to(tl.int32), axis=1) > 0,
+                               token_bits, 0), axis=0)
+        tl.store(list_base + count, block)
+        tl.store(bits_base + count, bits)
+        count += 1
+        block = tl.min(tl.min(tl.where(selected > block, selected, NONE), axis=1), axis=0)
+    return count
+
+
+@triton.jit(do_not_specialize=["num_kv_heads", "union_capacity"])
 def _attend_union_kernel(
         q_ptr, key_cache_ptr, value_cache_ptr, table_ptr, qsl_ptr, seq_lens_ptr,
         indices_ptr,        # [N, H, TOPK] int32 selected blocks, ascending, -1 padded
         out_ptr,            # [N, HQ, DV] view: o_slc (gated) or the merged output
-        tile_req_ptr, tile_qoff_ptr,   # the plan's query tiles
+        tile_req_ptr, tile_qoff_ptr,   # the plan's attend tiles
+        union_blocks_ptr,   # [tiles, H, union_capacity] int32 scratch
+        union_tokens_ptr,   # [tiles, H, union_capacity] int64 scratch
         q_tok, q_head, kc_page, kc_slot, kc_head, vc_page, vc_slot, vc_head, table_row,
         out_tok, out_head, out_set,
-        num_kv_heads,
+        num_kv_heads, union_capacity,
         qk_scale,           # softmax scale * log2(e)
         G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr,
         D: tl.constexpr, DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -187,12 +211,13 @@ def _attend_union_kernel(
         GATED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (query tiles, H): one program owns BLOCK_T consecutive tokens of one request x
     the GP (padded) query heads of one KV head, BLOCK_T * GP rows of full tensor-core
-    tiles. It walks the union of its tokens' selected blocks in ascending order, loading
-    each block once for all rows (a row attends only the blocks its token selected), then
-    the tile's window span (a row attends its own window; merged: minus the blocks it
-    already attended). Neighbouring tokens select mostly the same blocks, so the union is
-    small (benchmarks/selection_union.py). Sets as in _attend_kernel; no split.
-    Mirrors paged.attend."""
+    tiles. It first lists the union of its tokens' selected blocks (`_union_list`), then
+    walks that list, loading each block once for all rows (a row attends only the blocks
+    its token selected: one bit per token), then the tile's window span (a row attends its
+    own window; merged: minus the blocks it already attended). A plain loop over a list,
+    so Triton can prefetch the next block's keys. Neighbouring tokens select mostly the
+    same blocks, so the union is small (benchmarks/selection_union.py). Sets as in
+    _attend_kernel; no split. Mirrors paged.attend."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     req, q_off = tile_request(tile_req_ptr, tile_qoff_ptr, tile, False)
@@ -207,22 +232,30 @@ def _attend_union_kernel(
     d = tl.arange(0, D)
     q = tl.load(q_ptr + token[:, None] * q_tok + head[:, None] * q_head + d[None, :],
                 mask=row_valid[:, None], other=0.0)
+    # Each tile token's selection once (rows repeat it GP times).
+    tile_tokens = tl.arange(0, BLOCK_T)
+    token_ok = q_off + tile_tokens < q_len
+    first_token = tl.load(qsl_ptr + req).to(tl.int64) + q_off
     topk_offs = tl.arange(0, TOPK_PAD)
-    selected = tl.load(indices_ptr + (token[:, None] * num_kv_heads + kv_head) * TOPK
-                       + topk_offs[None, :],
-                       mask=row_valid[:, None] & (topk_offs[None, :] < TOPK), other=-1)
+    selected = tl.load(indices_ptr + ((first_token + tile_tokens[:, None]) * num_kv_heads
+                                      + kv_head) * TOPK + topk_offs[None, :],
+                       mask=token_ok[:, None] & (topk_offs[None, :] < TOPK), other=-1)
+    list_row = (tile * num_kv_heads + kv_head).to(tl.int64) * union_capacity
+    union_size = _union_list(selected, union_blocks_ptr + list_row,
+                             union_tokens_ptr + list_row, BLOCK_T)
+    tl.debug_barrier()   # the list is written by some threads and read by all
+    row_token = (tl.arange(0, BLOCK_T * GP) // GP).to(tl.int64)
     key_offs = tl.arange(0, BLOCK_K)
     dv = tl.arange(0, DV)
     out_ptrs = out_ptr + token[:, None] * out_tok + head[:, None] * out_head + dv[None, :]
     ROWS: tl.constexpr = BLOCK_T * GP
     SUB: tl.constexpr = SELECT_BLOCK // BLOCK_K
-    NONE: tl.constexpr = 2 ** 30
     row_max = tl.full([ROWS], float("-inf"), tl.float32)
     row_sum = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, DV], tl.float32)
-    block = tl.min(tl.min(tl.where(selected >= 0, selected, NONE), axis=1), axis=0)
-    while block < NONE:
-        attends = tl.sum((selected == block).to(tl.int32), axis=1) > 0          # [ROWS]
+    for entry in range(0, union_size):
+        block = tl.load(union_blocks_ptr + list_row + entry)
+        attends = ((tl.load(union_tokens_ptr + list_row + entry) >> row_token) & 1) != 0
         for sub in tl.static_range(SUB):
             positions = block.to(tl.int64) * SELECT_BLOCK + sub * BLOCK_K + key_offs
             row_ok = attends[:, None] & (positions[None, :] <= position[:, None])
@@ -231,7 +264,6 @@ def _attend_union_kernel(
                 positions <= last_position, row_ok, kv_head, kc_page, kc_slot, kc_head,
                 vc_page, vc_slot, vc_head, qk_scale, row_max, row_sum, acc,
                 PAGE_SIZE, D, DV, DOT_PRECISION)
-        block = tl.min(tl.min(tl.where(selected > block, selected, NONE), axis=1), axis=0)
     if GATED:
         tl.store(out_ptrs, normalise(acc, row_sum).to(out_ptrs.dtype.element_ty),
                  mask=row_valid[:, None])
@@ -249,8 +281,10 @@ def _attend_union_kernel(
                       & (positions[None, :] <= position[:, None]))
             if not GATED:
                 # Merged mode: a row's already attended block adds nothing here.
-                taken = tl.sum((selected == first // SELECT_BLOCK).to(tl.int32), axis=1) > 0
-                row_ok = row_ok & ~taken[:, None]
+                taken = tl.max((selected == first // SELECT_BLOCK).to(tl.int32), axis=1)
+                taken_rows = tl.reshape(tl.broadcast_to(taken[:, None], [BLOCK_T, GP]),
+                                        [ROWS])
+                row_ok = row_ok & (taken_rows == 0)[:, None]
             row_max, row_sum, acc = _attend_tile(
                 q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions,
                 positions <= last_position, row_ok, kv_head, kc_page, kc_slot, kc_head,
@@ -275,18 +309,20 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
         raise ValueError("o_slc and o_win must be views of one [N, HQ, 3, Dv] output")
     out_set = (o_win.data_ptr() - o_slc.data_ptr()) // o_slc.element_size() if gated else 0
     if plan.attend_union:
-        _attend_union_kernel[(plan.num_q_tiles, plan.num_kv_heads)](
+        _attend_union_kernel[(plan.num_attend_tiles, plan.num_kv_heads)](
             q_ptr=q, key_cache_ptr=key_cache, value_cache_ptr=value_cache,
             table_ptr=block_table, qsl_ptr=query_start_loc, seq_lens_ptr=seq_lens,
-            indices_ptr=block_indices, out_ptr=o_slc, tile_req_ptr=plan.tile_req,
-            tile_qoff_ptr=plan.tile_qoff, q_tok=q.stride(0), q_head=q.stride(1),
+            indices_ptr=block_indices, out_ptr=o_slc, tile_req_ptr=plan.attend_tile_req,
+            tile_qoff_ptr=plan.attend_tile_qoff, union_blocks_ptr=plan.union_blocks,
+            union_tokens_ptr=plan.union_tokens, q_tok=q.stride(0), q_head=q.stride(1),
             kc_page=key_cache.stride(0), kc_slot=key_cache.stride(1),
             kc_head=key_cache.stride(2), vc_page=value_cache.stride(0),
             vc_slot=value_cache.stride(1), vc_head=value_cache.stride(2),
             table_row=block_table.stride(0), out_tok=o_slc.stride(0),
             out_head=o_slc.stride(1), out_set=out_set, num_kv_heads=plan.num_kv_heads,
+            union_capacity=plan.union_blocks.shape[2],
             qk_scale=scale * LOG2E.value, G=plan.group, GP=plan.group_pad,
-            BLOCK_T=plan.block_t, D=plan.head_dim, DV=plan.value_dim,
+            BLOCK_T=plan.attend_block_t, D=plan.head_dim, DV=plan.value_dim,
             PAGE_SIZE=plan.page_size, SELECT_BLOCK=config.select_block,
             BLOCK_K=plan.block_k, TOPK=config.select_topk,
             TOPK_PAD=pow2(config.select_topk), WINDOW=config.window, GATED=gated,

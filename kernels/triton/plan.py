@@ -22,6 +22,12 @@ MIN_ROWS = 16
 # every block's bounds once for all its tokens: at 64k on an H200 the select took 16.5 /
 # 9.0 / 5.6 ms at (32, 8) with 16 / 32 / 64 tokens (BENCHMARKS.md).
 BOUNDS_SELECT_TOKENS = 64
+# Rows (tokens x padded heads) of a union attention tile, at most 64 tokens (the union
+# lists keep one bit per token in an int64). 128 rows share more blocks per token but
+# lost on an H100 at 64k (bench_kernels "tune": (32, 8) 26.0 ms at 64 rows vs 32.4 ms at
+# 128 rows with 8 warps, 34.6 with 4; (64, 4) 21.9 vs 23.5).
+UNION_ROWS = 64
+UNION_MAX_TOKENS = 64
 # Split counts are runtime arguments (a new batch shape never compiles a new kernel); the
 # merges size their loads by this cap.
 MAX_SPLITS = 64
@@ -123,6 +129,14 @@ class StepPlan:
     # attend: selected tiles then window tiles of block_k keys, per (token, KV head), or
     # (attend_union) per query tile over the union of its tokens' blocks, unsplit
     attend_union: bool
+    # union tiles of attend_block_t tokens (same form as the score tiles) and each tile's
+    # union list: its blocks ascending and, per block, a bit per tile token that selected it
+    attend_block_t: int
+    num_attend_tiles: int
+    attend_tile_req: torch.Tensor | None
+    attend_tile_qoff: torch.Tensor | None
+    union_blocks: torch.Tensor | None   # [attend tiles, H, union_capacity] int32
+    union_tokens: torch.Tensor | None   # [attend tiles, H, union_capacity] int64 bits
     attend_rows: int
     block_k: int
     attend_steps: int
@@ -228,6 +242,21 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
         raise ValueError(f"prefill_attend (VLLM_NSA_PREFILL_ATTEND) is {prefill_attend!r}; "
                          f"allowed: {', '.join(PREFILL_ATTEND_CHOICES)}")
     attend_union = prefill_attend == "union" and not decode
+    attend_block_t = min(UNION_MAX_TOKENS, max(1, UNION_ROWS // group_pad))
+    attend_tile_req = attend_tile_qoff = union_blocks = union_tokens = None
+    num_attend_tiles = 0
+    if attend_union:
+        attend_tile_req, attend_tile_qoff = (
+            (tile_req, tile_qoff) if attend_block_t == block_t
+            else query_tiles(query_start_loc, num_tokens, attend_block_t))
+        num_attend_tiles = attend_tile_req.shape[0]
+        # A tile's union has at most every selection of its tokens, and at most every
+        # block of the longest context.
+        union_capacity = min(attend_block_t * config.select_topk,
+                             config.num_select_blocks(scan_bound))
+        union_blocks = torch.empty((num_attend_tiles, num_kv_heads, union_capacity),
+                                   dtype=torch.int32, device=device)
+        union_tokens = torch.empty(union_blocks.shape, dtype=torch.int64, device=device)
     attend_splits = 1 if attend_union else (
         num_splits or fill_splits(num_tokens * num_kv_heads, attend_steps, device))
     attend_parts = (Partials.empty(num_tokens, num_heads, 2 if gated else 1, attend_splits,
@@ -245,6 +274,9 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
         lse=torch.empty((num_tokens, num_heads), **f32), score_parts=score_parts,
         blocks_row=blocks_row, tiles_row=tiles_row, **decode_scratch,
         select_candidates=select_candidates, attend_union=attend_union,
+        attend_block_t=attend_block_t, num_attend_tiles=num_attend_tiles,
+        attend_tile_req=attend_tile_req, attend_tile_qoff=attend_tile_qoff,
+        union_blocks=union_blocks, union_tokens=union_tokens,
         attend_rows=max(MIN_ROWS, group_pad),
         block_k=block_k, attend_steps=attend_steps, attend_splits=attend_splits,
         attend_parts=attend_parts)
