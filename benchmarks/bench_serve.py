@@ -66,7 +66,7 @@ import time
 import urllib.request
 
 from bench_e2e import SHAPES, write_model_dir
-from vllm_nsa.provenance import device_name
+from vllm_nsa.provenance import device_name, git_commit, versions
 from vllm_nsa.read_stats import STATS_FILE_ENV, read_lines
 
 DENSE_BACKENDS = ("FLASH_ATTN", "CPU_ATTN")   # the ratio baseline: FLASH_ATTN on GPU
@@ -394,12 +394,15 @@ def write_summary(args, device: str, results: list[dict]) -> str:
         "input_len", "output_len", "num_prompts", "max_concurrency", "num_warmups",
         "block_size", "gpu_memory_utilization", "max_model_len", "server_args")}
     summary = {"device": device, "date": datetime.date.today().isoformat(),
+               "git_commit": git_commit(), "versions": versions(),
                "shape": args.shape, "shape_label": SHAPES[args.shape]["label"],
                "settings": settings, "results": results,
                "ratios_vs_dense": ratios_vs_dense(results),
                "failed": [r["backend"] for r in results if r["problems"]]}
     device_tag = re.sub(r"[^A-Za-z0-9]+", "_", device)   # no spaces in file names
-    path = os.path.join(args.out, f"serve_{args.shape}_{device_tag}.json")
+    # One file per backend set: runs of one backend each do not overwrite each other.
+    backends = "_".join(r["backend"] for r in results)
+    path = os.path.join(args.out, f"serve_{args.shape}_{backends}_{device_tag}.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     return path
