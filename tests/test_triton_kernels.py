@@ -45,11 +45,11 @@ QUERY_LENS = [1, 1, 2, 1, 21, 7, 0]
 H, D = 2, 32
 
 
-def build_caches(cfg, num_heads, page_size, dtype, seed):
+def build_caches(cfg, num_heads, page_size, dtype, seed, head_dim=D):
     """Random sequences on shuffled pages (NaN elsewhere), compressed by both twins."""
     gen = torch.Generator().manual_seed(seed)
-    seqs = [(torch.randn(s, H, D, generator=gen).to(dtype).float(),
-             torch.randn(s, H, D, generator=gen).to(dtype).float()) for s in SEQ_LENS]
+    seqs = [(torch.randn(s, H, head_dim, generator=gen).to(dtype).float(),
+             torch.randn(s, H, head_dim, generator=gen).to(dtype).float()) for s in SEQ_LENS]
     num_pages = sum(-(-s // page_size) for s in SEQ_LENS) + 3
     key_cache, value_cache, table = scatter_to_pages(seqs, page_size, num_pages, gen)
     key_cache, value_cache = key_cache.to(dtype), value_cache.to(dtype)
@@ -59,27 +59,27 @@ def build_caches(cfg, num_heads, page_size, dtype, seed):
     emit_index = torch.tensor([i for _, i in emit] + [0, 5])
     caches = {}
     for name, impl in (("twin", paged), ("triton", triton_nsa)):
-        cmp_key = torch.full((num_pages, per_page, H, D), float("nan"), dtype=dtype)
+        cmp_key = torch.full((num_pages, per_page, H, head_dim), float("nan"), dtype=dtype)
         cmp_value = cmp_key.clone()
         impl.compress(key_cache, value_cache, cmp_key, cmp_value, table, emit_req,
                       emit_index, cfg)
         caches[name] = (cmp_key, cmp_value)
-    q = torch.randn(sum(QUERY_LENS), num_heads, D, generator=gen).to(dtype)
+    q = torch.randn(sum(QUERY_LENS), num_heads, head_dim, generator=gen).to(dtype)
     qsl = torch.tensor([0] + torch.tensor(QUERY_LENS).cumsum(0).tolist(), dtype=torch.int32)
     return seqs, key_cache, value_cache, caches, table, q, qsl
 
 
-def run_both(cfg, group, page_size, gated, dtype=torch.float32, seed=0, **hints):
+def run_both(cfg, group, page_size, gated, dtype=torch.float32, seed=0, head_dim=D, **hints):
     seqs, key_cache, value_cache, caches, table, q, qsl = build_caches(
-        cfg, H * group, page_size, dtype, seed)
+        cfg, H * group, page_size, dtype, seed, head_dim)
     seq_lens = torch.tensor(SEQ_LENS, dtype=torch.int32)
-    shape = (q.shape[0], H * group, 3, D) if gated else (q.shape[0], H * group, D)
+    shape = (q.shape[:2] + (3, head_dim)) if gated else q.shape
     results = {}
     for name, impl in (("twin", paged), ("triton", triton_nsa)):
         output = torch.full(shape, float("nan"), dtype=dtype)   # poisoned: all must be written
         plan = impl.make_plan(q, key_cache, value_cache, table, qsl, cfg, gated, **hints)
         indices = impl.nsa_paged_attention(q, key_cache, value_cache, *caches[name], table, qsl,
-                                           seq_lens, cfg, D ** -0.5, output, gated, plan)
+                                           seq_lens, cfg, head_dim ** -0.5, output, gated, plan)
         results[name] = (output, indices)
     return seqs, q, qsl, caches, results
 
@@ -326,33 +326,36 @@ def bounds_config(name):
     return dataclasses.replace(CONFIGS[name], selection_score="bounds")
 
 
-def build_bounds_caches(cfg, num_heads, page_size, dtype, seed, seq_lens, query_lens):
+def build_bounds_caches(cfg, num_heads, page_size, dtype, seed, seq_lens, query_lens,
+                        head_dim=D):
     """Random sequences on shuffled pages; bounds written by each implementation."""
     gen = torch.Generator().manual_seed(seed)
-    seqs = [(torch.randn(s, H, D, generator=gen).to(dtype).float(),
-             torch.randn(s, H, D, generator=gen).to(dtype).float()) for s in seq_lens]
+    seqs = [(torch.randn(s, H, head_dim, generator=gen).to(dtype).float(),
+             torch.randn(s, H, head_dim, generator=gen).to(dtype).float()) for s in seq_lens]
     num_pages = sum(-(-s // page_size) for s in seq_lens) + 3
     key_cache, value_cache, table = scatter_to_pages(seqs, page_size, num_pages, gen)
     key_cache, value_cache = key_cache.to(dtype), value_cache.to(dtype)
     caches = {name: write_all_bounds(key_cache, table, seq_lens, cfg, impl.compress)
               for name, impl in (("twin", paged), ("triton", triton_nsa))}
-    q = torch.randn(sum(query_lens), num_heads, D, generator=gen).to(dtype)
+    q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen).to(dtype)
     qsl = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
     return seqs, key_cache, value_cache, caches, table, q, qsl
 
 
 def run_bounds(cfg, group, page_size, dtype=torch.float32, seed=0,
-               seq_lens=BOUNDS_SEQ_LENS, query_lens=BOUNDS_QUERY_LENS, q=None, **hints):
+               seq_lens=BOUNDS_SEQ_LENS, query_lens=BOUNDS_QUERY_LENS, q=None, head_dim=D,
+               **hints):
     seqs, key_cache, value_cache, caches, table, q_random, qsl = build_bounds_caches(
-        cfg, H * group, page_size, dtype, seed, seq_lens, query_lens)
+        cfg, H * group, page_size, dtype, seed, seq_lens, query_lens, head_dim)
     q = q_random if q is None else q
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     results = {}
     for name, impl in (("twin", paged), ("triton", triton_nsa)):
-        output = torch.full((q.shape[0], H * group, D), float("nan"), dtype=dtype)
+        output = torch.full(q.shape, float("nan"), dtype=dtype)
         plan = impl.make_plan(q, key_cache, value_cache, table, qsl, cfg, False, **hints)
         indices = impl.nsa_paged_attention(q, key_cache, value_cache, *caches[name], table,
-                                           qsl, lens, cfg, D ** -0.5, output, False, plan)
+                                           qsl, lens, cfg, head_dim ** -0.5, output, False,
+                                           plan)
         results[name] = (output, indices)
     return seqs, q, qsl, caches, results
 
@@ -403,6 +406,23 @@ def test_bounds_chunks_longer_than_a_select_tile(group, num_splits):
                                      query_lens=[150, 70], num_splits=num_splits)
     (twin_out, twin_idx), (out, idx) = results["twin"], results["triton"]
     assert torch.equal(idx, twin_idx)
+    torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim, group, gated", [(64, 3, False), (128, 4, False),
+                                                    (128, 4, True)])
+def test_served_head_dims_match_twin(head_dim, group, gated):
+    """Head dims 64 (the SmolLM2 shape) and 128 (Llama): a mixed batch with prefill chunks
+    over cached context, through the default merged mode (bounds select, union
+    attention) and the gated mode (compressed scorer), equals the twin."""
+    if gated:
+        _, _, _, _, results = run_both(CONFIGS["paper"], group, 32, True, head_dim=head_dim)
+    else:
+        _, _, _, _, results = run_bounds(bounds_config("paper"), group, 32, head_dim=head_dim,
+                                         seq_lens=[300, 450, 100], query_lens=[40, 1, 9])
+    (twin_out, twin_idx), (out, idx) = results["twin"], results["triton"]
+    assert torch.equal(idx, twin_idx)
+    assert not out.isnan().any()
     torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
 
 
