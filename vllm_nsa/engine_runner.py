@@ -105,16 +105,27 @@ def start_isolated(command: list[str], *, env: Mapping[str, str],
 
 
 def wait_isolated(proc: subprocess.Popen, timeout: float | None) -> str | None:
-    """Wait for a job from `start_isolated`. On a timeout its whole process group is
-    killed (its engine-core child too, which would otherwise keep its memory). Returns
-    None on success, else why it failed."""
+    """Wait for a job from `start_isolated`; then kill whatever is left of its process
+    group: on a timeout the job itself, and in any case its engine-core child, which
+    outlives a job that exits without shutting its engine down (the eval workers exit
+    with os._exit) and would keep its memory. Returns None on success, else why it
+    failed."""
     try:
         returncode = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
         proc.wait()
         return f"timed out after {timeout:g} s"
+    kill_group(proc)
     return f"exited with status {returncode}" if returncode else None
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to every process left in the process group `start_isolated` made."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # nothing of the group is left
+        pass
 
 
 def run_isolated(command: list[str], *, env: Mapping[str, str], log_path: str | Path | None,
