@@ -46,6 +46,7 @@ except ModuleNotFoundError:  # a bare checkout (the GPU machine): map kernels/ b
 from vllm_nsa.config import NSAConfig  # noqa: E402
 from vllm_nsa.kernels import paged, reference  # noqa: E402
 from vllm_nsa.kernels import triton as nsa_triton  # noqa: E402
+from vllm_nsa.kernels.triton import launch as launch_module  # noqa: E402
 from vllm_nsa.kernels.triton import plan as plan_module  # noqa: E402
 from vllm_nsa.provenance import git_commit  # noqa: E402
 
@@ -142,8 +143,13 @@ def group_scores(q_rows, b, r, positions, num_kv_heads, cfg=CFG):
 
 
 def compare(name, q, b, qsl, gated, num_kv_heads, cfg=CFG, **hints):
+    # Twice: the first launches take Triton's path, the repeat launches the compiled kernels
+    # directly (launch.py) into a fresh poisoned output; the two must agree bit for bit.
+    first, first_idx = run_nsa(nsa_triton, q, b, qsl, gated, cfg, **hints)
     out, idx = run_nsa(nsa_triton, q, b, qsl, gated, cfg, **hints)
     torch.cuda.synchronize()
+    direct_same = bool(torch.equal(first_idx, idx)
+                       and torch.equal(first.nan_to_num(7.0), out.nan_to_num(7.0)))
     ref, ref_idx = run_nsa(paged, q, b, qsl, gated, cfg)
     unwritten = int(out.isnan().sum())
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -170,13 +176,15 @@ def compare(name, q, b, qsl, gated, num_kv_heads, cfg=CFG, **hints):
     if gated:
         tied = tied.unsqueeze(-1).expand_as(row_rel)
     worst_row = row_rel[~tied].max().item() if (~tied).any() else 0.0
-    ok = unwritten == 0 and rel < 1e-2 and worst_row < 5e-2 and worst_gap < 1e-3
+    ok = (unwritten == 0 and rel < 1e-2 and worst_row < 5e-2 and worst_gap < 1e-3
+          and direct_same)
     entry = dict(rel_err=rel, worst_row_rel_err=worst_row, unwritten=unwritten,
+                 direct_launch_same=direct_same,
                  rows=int(mismatch.numel()), mismatched_rows=len(rows),
                  worst_tie_gap_rel=worst_gap, ok=ok)
     log(f"  {name:44s} rel_err={rel:.2e} worst row {worst_row:.1e} unwritten={unwritten} "
         f"block-set mismatches={len(rows)}/{mismatch.numel()} (worst rel gap {worst_gap:.1e}) "
-        f"{'OK' if ok else 'FAIL'}")
+        f"direct=={'same' if direct_same else 'DIFFERENT'} {'OK' if ok else 'FAIL'}")
     return entry
 
 
@@ -600,8 +608,9 @@ def compiled_variants():
 
 def host_time(profile=False):
     """Host (CPU) time of one layer's eager NSA forward in a mixed batch (the path of every
-    step with a prefill chunk): the plan made once per step, then per layer compress +
-    score + select + attend launches. Small shapes, so the GPU never holds the host back."""
+    step with a prefill chunk): the plan made once per step, then per layer the K/V store,
+    compress, score, select and attend launches. Small shapes, so the GPU never holds the
+    host back."""
     log("== host time per layer, eager mixed batch (plan made once per step) ==")
     hq, h = 32, 8
     rows = {}
@@ -618,7 +627,13 @@ def host_time(profile=False):
         caches = (b["key_cache"], b["value_cache"], b[prefix + "cmp_key"],
                   b[prefix + "cmp_value"])
 
+        # This step's K/V, stored first as vLLM's do_kv_cache_update does (slots of page 0
+        # onwards: the data does not matter here).
+        key = torch.randn(q.shape[0], h, D, device=DEV, dtype=DT)
+        slots = torch.arange(q.shape[0], device=DEV)
+
         def layer(plan):
+            nsa_triton.write_kv(key, key, caches[0], caches[1], slots)
             nsa_triton.compress(*caches, b["table"], emit_req, emit_index, cfg)
             nsa_triton.nsa_paged_attention(q, *caches, b["table"], qsl, b["seq_lens"], cfg,
                                            D ** -0.5, out, gated, plan)
@@ -627,14 +642,23 @@ def host_time(profile=False):
         for _ in range(3):
             layer(plan)
         torch.cuda.synchronize()
-        calls = 200
-        start = time.perf_counter()
-        for _ in range(calls):
-            layer(plan)
-        host_us = (time.perf_counter() - start) / calls * 1e6
+        calls, layers = 192, 32
+        host = {}
+        # "triton": every launch through Triton's path; "direct": a repeat of the previous
+        # layer's launches (launch.py); "step": the memo emptied every 32 layers, as when
+        # every step brings new sizes, so each step's first layer takes Triton's path.
+        for path in ("triton", "direct", "step"):
+            launch_module.DIRECT = path != "triton"
+            start = time.perf_counter()
+            for call in range(calls):
+                if path == "step" and call % layers == 0:
+                    launch_module._memo.clear()
+                layer(plan)
+            host[path] = (time.perf_counter() - start) / calls * 1e6
+            torch.cuda.synchronize()
+        launch_module.DIRECT = True
         if profile:
             # Where the host time goes: the top functions by own time over the same calls.
-            torch.cuda.synchronize()
             profiler = cProfile.Profile()
             profiler.runcall(lambda: [layer(plan) for _ in range(calls)])
             text = io.StringIO()
@@ -647,8 +671,11 @@ def host_time(profile=False):
                                  max_query_len=max(query_lens), scan_bound=2048)
         plan_us = (time.perf_counter() - start) / 20 * 1e6
         mode = mode_name(gated, cfg)
-        rows[mode] = dict(layer_host_us=host_us, plan_host_us=plan_us)
-        log(f"  {mode}: {host_us:.1f} us per layer (host), plan {plan_us:.1f} us per step")
+        rows[mode] = dict(layer_host_us=host["step"], layer_host_us_direct=host["direct"],
+                          layer_host_us_triton_path=host["triton"], plan_host_us=plan_us)
+        log(f"  {mode}: us per layer (host): {host['step']:.1f} per step of {layers} layers,"
+            f" {host['direct']:.1f} direct, {host['triton']:.1f} Triton's path;"
+            f" plan {plan_us:.1f} us per step")
     return rows
 
 

@@ -510,6 +510,8 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
         self.gated = gated
+        self._split_of: torch.Tensor | None = None
+        self._split: tuple[torch.Tensor, ...] = ()
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         """Engine start, after the model is built, with the vLLM config current and before
@@ -547,10 +549,18 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
         if batches:
             logger.info("NSA kernels compiled for %d warm-up batches", batches)
 
+    def _caches(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """split_kv_cache of this layer's page buffer, kept while vLLM hands over the same
+        tensor (it does every step): the six views cost ~10 us of host time per call."""
+        if kv_cache is not self._split_of:
+            self._split = split_kv_cache(kv_cache, self.head_size, self.config)
+            self._split_of = kv_cache
+        return self._split
+
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
-        key_cache, value_cache, _, _ = split_kv_cache(kv_cache, self.head_size, self.config)
+        key_cache, value_cache, _, _ = self._caches(kv_cache)
         paged_ops(key.device).write_kv(key, value, key_cache, value_cache, slot_mapping)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
@@ -564,7 +574,7 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
             return output
         md = attn_metadata
         ops = paged_ops(query.device)
-        caches = split_kv_cache(kv_cache, self.head_size, self.config)
+        caches = self._caches(kv_cache)
         # The raw K/V of this step are in the cache (do_kv_cache_update ran first); emit
         # the scorer entries (compressed, or block bounds) they complete before any stage
         # reads them.

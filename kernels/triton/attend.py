@@ -22,6 +22,7 @@ from vllm_nsa.kernels.triton.common import (
     tile_request,
     tile_rows,
 )
+from vllm_nsa.kernels.triton.launch import launch
 from vllm_nsa.kernels.triton.plan import StepPlan, pow2
 
 # Launch options of `_attend_union_kernel` (bench_kernels' "tune" part sweeps them): its
@@ -309,17 +310,21 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
         raise ValueError("o_slc and o_win must be views of one [N, HQ, 3, Dv] output")
     out_set = (o_win.data_ptr() - o_slc.data_ptr()) // o_slc.element_size() if gated else 0
     if plan.attend_union:
-        _attend_union_kernel[(plan.num_attend_tiles, plan.num_kv_heads)](
+        q_strides = q.stride()
+        key_cache_strides = key_cache.stride()
+        value_cache_strides = value_cache.stride()
+        o_slc_strides = o_slc.stride()
+        launch(_attend_union_kernel, (plan.num_attend_tiles, plan.num_kv_heads),
             q_ptr=q, key_cache_ptr=key_cache, value_cache_ptr=value_cache,
             table_ptr=block_table, qsl_ptr=query_start_loc, seq_lens_ptr=seq_lens,
             indices_ptr=block_indices, out_ptr=o_slc, tile_req_ptr=plan.attend_tile_req,
             tile_qoff_ptr=plan.attend_tile_qoff, union_blocks_ptr=plan.union_blocks,
-            union_tokens_ptr=plan.union_tokens, q_tok=q.stride(0), q_head=q.stride(1),
-            kc_page=key_cache.stride(0), kc_slot=key_cache.stride(1),
-            kc_head=key_cache.stride(2), vc_page=value_cache.stride(0),
-            vc_slot=value_cache.stride(1), vc_head=value_cache.stride(2),
-            table_row=block_table.stride(0), out_tok=o_slc.stride(0),
-            out_head=o_slc.stride(1), out_set=out_set, num_kv_heads=plan.num_kv_heads,
+            union_tokens_ptr=plan.union_tokens, q_tok=q_strides[0], q_head=q_strides[1],
+            kc_page=key_cache_strides[0], kc_slot=key_cache_strides[1],
+            kc_head=key_cache_strides[2], vc_page=value_cache_strides[0],
+            vc_slot=value_cache_strides[1], vc_head=value_cache_strides[2],
+            table_row=block_table.stride(0), out_tok=o_slc_strides[0],
+            out_head=o_slc_strides[1], out_set=out_set, num_kv_heads=plan.num_kv_heads,
             union_capacity=plan.union_blocks.shape[2],
             qk_scale=scale * LOG2E.value, G=plan.group, GP=plan.group_pad,
             BLOCK_T=plan.attend_block_t, D=plan.head_dim, DV=plan.value_dim,
@@ -330,18 +335,22 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
         return
     parts = plan.attend_parts
     split = parts is not None
-    _attend_kernel[(plan.num_tokens, plan.num_kv_heads, plan.attend_splits)](
+    q_strides = q.stride()
+    key_cache_strides = key_cache.stride()
+    value_cache_strides = value_cache.stride()
+    o_slc_strides = o_slc.stride()
+    launch(_attend_kernel, (plan.num_tokens, plan.num_kv_heads, plan.attend_splits),
         q_ptr=q, key_cache_ptr=key_cache, value_cache_ptr=value_cache, table_ptr=block_table,
         qsl_ptr=query_start_loc, seq_lens_ptr=seq_lens, indices_ptr=block_indices,
         out_ptr=o_slc,
         part_max_ptr=parts.row_max if split else None,
         part_sum_ptr=parts.row_sum if split else None,
         part_acc_ptr=parts.acc if split else None,
-        q_tok=q.stride(0), q_head=q.stride(1),
-        kc_page=key_cache.stride(0), kc_slot=key_cache.stride(1), kc_head=key_cache.stride(2),
-        vc_page=value_cache.stride(0), vc_slot=value_cache.stride(1),
-        vc_head=value_cache.stride(2), table_row=block_table.stride(0),
-        out_tok=o_slc.stride(0), out_head=o_slc.stride(1), out_set=out_set,
+        q_tok=q_strides[0], q_head=q_strides[1],
+        kc_page=key_cache_strides[0], kc_slot=key_cache_strides[1], kc_head=key_cache_strides[2],
+        vc_page=value_cache_strides[0], vc_slot=value_cache_strides[1],
+        vc_head=value_cache_strides[2], table_row=block_table.stride(0),
+        out_tok=o_slc_strides[0], out_head=o_slc_strides[1], out_set=out_set,
         num_reqs=plan.num_reqs, num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads,
         num_splits=plan.attend_splits,
         steps_per_split=-(-plan.attend_steps // plan.attend_splits),

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from vllm_nsa.config import NSAConfig
+from vllm_nsa.kernels.triton.launch import launch
 
 
 @triton.jit
@@ -53,14 +54,17 @@ def write_bounds(key_cache: torch.Tensor, bound_min_cache: torch.Tensor,
     num_entries = emit_req.shape[0]
     if num_entries == 0:
         return
-    _bounds_kernel[(num_entries, key_cache.shape[2])](
+    key_cache_strides = key_cache.stride()
+    bound_min_cache_strides = bound_min_cache.stride()
+    bound_max_cache_strides = bound_max_cache.stride()
+    launch(_bounds_kernel, (num_entries, key_cache.shape[2]),
         key_cache_ptr=key_cache, bound_min_ptr=bound_min_cache,
         bound_max_ptr=bound_max_cache, table_ptr=block_table, emit_req_ptr=emit_req,
         emit_block_ptr=emit_block,
-        kc_page=key_cache.stride(0), kc_slot=key_cache.stride(1), kc_head=key_cache.stride(2),
-        mn_page=bound_min_cache.stride(0), mn_slot=bound_min_cache.stride(1),
-        mn_head=bound_min_cache.stride(2),
-        mx_page=bound_max_cache.stride(0), mx_slot=bound_max_cache.stride(1),
-        mx_head=bound_max_cache.stride(2), table_row=block_table.stride(0),
+        kc_page=key_cache_strides[0], kc_slot=key_cache_strides[1], kc_head=key_cache_strides[2],
+        mn_page=bound_min_cache_strides[0], mn_slot=bound_min_cache_strides[1],
+        mn_head=bound_min_cache_strides[2],
+        mx_page=bound_max_cache_strides[0], mx_slot=bound_max_cache_strides[1],
+        mx_head=bound_max_cache_strides[2], table_row=block_table.stride(0),
         PAGE_SIZE=key_cache.shape[1], SELECT_BLOCK=config.select_block,
         D=key_cache.shape[3])

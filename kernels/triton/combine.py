@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from vllm_nsa.kernels.triton.common import LN2, log2_sum_exp
+from vllm_nsa.kernels.triton.launch import launch
 from vllm_nsa.kernels.triton.plan import MAX_SPLITS, Partials
 
 
@@ -60,7 +61,7 @@ def combine(parts: Partials, query_start_loc: torch.Tensor, output: torch.Tensor
     """Merge `parts` into output (set s at output + s * out_set elements) and/or into
     lse (natural log, set 0). Padding tokens past the last request are left alone."""
     num_tokens, num_heads, sets, splits = parts.row_max.shape
-    _combine_kernel[(num_tokens, num_heads, sets)](
+    launch(_combine_kernel, (num_tokens, num_heads, sets),
         part_max_ptr=parts.row_max, part_sum_ptr=parts.row_sum, part_acc_ptr=parts.acc,
         qsl_ptr=query_start_loc, out_ptr=output, lse_ptr=lse,
         out_tok=output.stride(0) if output is not None else 0,

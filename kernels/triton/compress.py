@@ -8,6 +8,7 @@ import triton.language as tl
 
 from vllm_nsa.config import NSAConfig
 from vllm_nsa.kernels.triton.bounds import write_bounds
+from vllm_nsa.kernels.triton.launch import launch
 from vllm_nsa.kernels.triton.plan import pow2
 
 
@@ -102,14 +103,18 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
     if num_tokens == 0:
         return
     check_inner_contiguous(key, value, key_cache, value_cache)
-    _write_kv_kernel[(num_tokens, key_cache.shape[2])](
+    key_strides = key.stride()
+    value_strides = value.stride()
+    key_cache_strides = key_cache.stride()
+    value_cache_strides = value_cache.stride()
+    launch(_write_kv_kernel, (num_tokens, key_cache.shape[2]),
         key_ptr=key, value_ptr=value, key_cache_ptr=key_cache, value_cache_ptr=value_cache,
         slot_mapping_ptr=slot_mapping,
-        k_tok=key.stride(0), k_head=key.stride(1), v_tok=value.stride(0),
-        v_head=value.stride(1),
-        kc_page=key_cache.stride(0), kc_slot=key_cache.stride(1), kc_head=key_cache.stride(2),
-        vc_page=value_cache.stride(0), vc_slot=value_cache.stride(1),
-        vc_head=value_cache.stride(2),
+        k_tok=key_strides[0], k_head=key_strides[1], v_tok=value_strides[0],
+        v_head=value_strides[1],
+        kc_page=key_cache_strides[0], kc_slot=key_cache_strides[1], kc_head=key_cache_strides[2],
+        vc_page=value_cache_strides[0], vc_slot=value_cache_strides[1],
+        vc_head=value_cache_strides[2],
         PAGE_SIZE=key_cache.shape[1], D=key_cache.shape[3], DV=value_cache.shape[3])
 
 
@@ -129,17 +134,21 @@ def compress(key_cache: torch.Tensor, value_cache: torch.Tensor,
         write_bounds(key_cache, cmp_key_cache, cmp_value_cache, block_table, emit_req,
                      emit_index, config)
         return
-    _compress_kernel[(num_entries, key_cache.shape[2])](
+    key_cache_strides = key_cache.stride()
+    value_cache_strides = value_cache.stride()
+    cmp_key_cache_strides = cmp_key_cache.stride()
+    cmp_value_cache_strides = cmp_value_cache.stride()
+    launch(_compress_kernel, (num_entries, key_cache.shape[2]),
         key_cache_ptr=key_cache, value_cache_ptr=value_cache, cmp_key_ptr=cmp_key_cache,
         cmp_value_ptr=cmp_value_cache, table_ptr=block_table, emit_req_ptr=emit_req,
         emit_index_ptr=emit_index,
-        kc_page=key_cache.stride(0), kc_slot=key_cache.stride(1), kc_head=key_cache.stride(2),
-        vc_page=value_cache.stride(0), vc_slot=value_cache.stride(1),
-        vc_head=value_cache.stride(2),
-        ck_page=cmp_key_cache.stride(0), ck_slot=cmp_key_cache.stride(1),
-        ck_head=cmp_key_cache.stride(2),
-        cv_page=cmp_value_cache.stride(0), cv_slot=cmp_value_cache.stride(1),
-        cv_head=cmp_value_cache.stride(2), table_row=block_table.stride(0),
+        kc_page=key_cache_strides[0], kc_slot=key_cache_strides[1], kc_head=key_cache_strides[2],
+        vc_page=value_cache_strides[0], vc_slot=value_cache_strides[1],
+        vc_head=value_cache_strides[2],
+        ck_page=cmp_key_cache_strides[0], ck_slot=cmp_key_cache_strides[1],
+        ck_head=cmp_key_cache_strides[2],
+        cv_page=cmp_value_cache_strides[0], cv_slot=cmp_value_cache_strides[1],
+        cv_head=cmp_value_cache_strides[2], table_row=block_table.stride(0),
         PAGE_SIZE=key_cache.shape[1], COMPRESS_STRIDE=config.compress_stride,
         COMPRESS_BLOCK=config.compress_block,
         COMPRESS_BLOCK_PAD=pow2(config.compress_block),

@@ -28,6 +28,7 @@ from vllm_nsa.kernels.triton.common import (
     tile_request,
     tile_rows,
 )
+from vllm_nsa.kernels.triton.launch import launch
 from vllm_nsa.kernels.triton.plan import StepPlan
 
 
@@ -150,7 +151,10 @@ def score(q: torch.Tensor, cmp_key_cache: torch.Tensor, cmp_value_cache: torch.T
         return plan.lse
     parts = plan.score_parts
     split = parts is not None
-    _score_kernel[(plan.num_q_tiles, plan.num_kv_heads, plan.scan_splits)](
+    q_strides = q.stride()
+    cmp_key_cache_strides = cmp_key_cache.stride()
+    cmp_value_cache_strides = cmp_value_cache.stride()
+    launch(_score_kernel, (plan.num_q_tiles, plan.num_kv_heads, plan.scan_splits),
         q_ptr=q, cmp_key_ptr=cmp_key_cache, cmp_value_ptr=cmp_value_cache,
         table_ptr=block_table, tile_req_ptr=plan.tile_req, tile_qoff_ptr=plan.tile_qoff,
         qsl_ptr=query_start_loc, seq_lens_ptr=seq_lens,
@@ -160,11 +164,11 @@ def score(q: torch.Tensor, cmp_key_cache: torch.Tensor, cmp_value_cache: torch.T
         part_acc_ptr=parts.acc if split else None,
         own_sums_ptr=plan.own_sums, spill_sums_ptr=plan.spill_sums,
         tile_max_ptr=plan.tile_max,
-        q_tok=q.stride(0), q_head=q.stride(1),
-        ck_page=cmp_key_cache.stride(0), ck_slot=cmp_key_cache.stride(1),
-        ck_head=cmp_key_cache.stride(2),
-        cv_page=cmp_value_cache.stride(0), cv_slot=cmp_value_cache.stride(1),
-        cv_head=cmp_value_cache.stride(2), table_row=block_table.stride(0),
+        q_tok=q_strides[0], q_head=q_strides[1],
+        ck_page=cmp_key_cache_strides[0], ck_slot=cmp_key_cache_strides[1],
+        ck_head=cmp_key_cache_strides[2],
+        cv_page=cmp_value_cache_strides[0], cv_slot=cmp_value_cache_strides[1],
+        cv_head=cmp_value_cache_strides[2], table_row=block_table.stride(0),
         o_tok=o_cmp.stride(0) if o_cmp is not None else 0,
         o_head=o_cmp.stride(1) if o_cmp is not None else 0,
         blocks_row=plan.blocks_row, tiles_row=plan.tiles_row, num_heads=plan.num_heads,

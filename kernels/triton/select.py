@@ -29,6 +29,7 @@ from vllm_nsa.kernels.triton.common import (
     tile_request,
     tile_rows,
 )
+from vllm_nsa.kernels.triton.launch import launch
 from vllm_nsa.kernels.triton.plan import StepPlan, pow2
 
 
@@ -360,7 +361,7 @@ def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tens
                   INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks)
     grid = (plan.num_tokens, plan.num_kv_heads)
     if plan.decode:
-        _select_decode_kernel[grid](
+        launch(_select_decode_kernel, grid,
             own_sums_ptr=plan.own_sums, spill_sums_ptr=plan.spill_sums,
             tile_max_ptr=plan.tile_max, lse_ptr=lse, qsl_ptr=query_start_loc,
             seq_lens_ptr=seq_lens, block_scores_ptr=plan.block_scores,
@@ -368,20 +369,22 @@ def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tens
             num_reqs=plan.num_reqs, num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads,
             G=plan.group, CHUNK=min(pow2(plan.blocks_row), 1024), **common)
         return block_indices
-    _select_kernel[(plan.num_q_tiles, plan.num_kv_heads, plan.scan_splits)](
+    q_strides = q.stride()
+    cmp_key_cache_strides = cmp_key_cache.stride()
+    launch(_select_kernel, (plan.num_q_tiles, plan.num_kv_heads, plan.scan_splits),
         q_ptr=q, cmp_key_ptr=cmp_key_cache, table_ptr=block_table,
         tile_req_ptr=plan.tile_req, tile_qoff_ptr=plan.tile_qoff, qsl_ptr=query_start_loc,
         seq_lens_ptr=seq_lens, lse_ptr=lse, indices_ptr=block_indices,
         candidates_ptr=plan.select_candidates,
-        q_tok=q.stride(0), q_head=q.stride(1),
-        ck_page=cmp_key_cache.stride(0), ck_slot=cmp_key_cache.stride(1),
-        ck_head=cmp_key_cache.stride(2), table_row=block_table.stride(0),
+        q_tok=q_strides[0], q_head=q_strides[1],
+        ck_page=cmp_key_cache_strides[0], ck_slot=cmp_key_cache_strides[1],
+        ck_head=cmp_key_cache_strides[2], table_row=block_table.stride(0),
         num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads, num_splits=plan.scan_splits,
         qk_scale=scale * LOG2E.value,
         G=plan.group, GP=plan.group_pad, BLOCK_T=plan.block_t, D=plan.head_dim,
         PAGE_SIZE=plan.page_size, DOT_PRECISION=plan.dot_precision, **common)
     if plan.select_candidates is not None:
-        _merge_topk_kernel[grid](
+        launch(_merge_topk_kernel, grid,
             candidates_ptr=plan.select_candidates, qsl_ptr=query_start_loc,
             indices_ptr=block_indices, num_reqs=plan.num_reqs, num_kv_heads=plan.num_kv_heads,
             num_splits=plan.scan_splits, BB=plan.select_tile_blocks,
@@ -596,36 +599,39 @@ def select_bounds(q: torch.Tensor, bound_min_cache: torch.Tensor,
                                dtype=torch.int32, device=q.device)
     if plan.num_tokens == 0:
         return block_indices
+    q_strides = q.stride()
+    bound_min_cache_strides = bound_min_cache.stride()
+    bound_max_cache_strides = bound_max_cache.stride()
     common = dict(
         q_ptr=q, min_ptr=bound_min_cache, max_ptr=bound_max_cache, table_ptr=block_table,
-        qsl_ptr=query_start_loc, seq_lens_ptr=seq_lens, q_tok=q.stride(0),
-        q_head=q.stride(1), mn_page=bound_min_cache.stride(0),
-        mn_slot=bound_min_cache.stride(1), mn_head=bound_min_cache.stride(2),
-        mx_page=bound_max_cache.stride(0), mx_slot=bound_max_cache.stride(1),
-        mx_head=bound_max_cache.stride(2), table_row=block_table.stride(0),
+        qsl_ptr=query_start_loc, seq_lens_ptr=seq_lens, q_tok=q_strides[0],
+        q_head=q_strides[1], mn_page=bound_min_cache_strides[0],
+        mn_slot=bound_min_cache_strides[1], mn_head=bound_min_cache_strides[2],
+        mx_page=bound_max_cache_strides[0], mx_slot=bound_max_cache_strides[1],
+        mx_head=bound_max_cache_strides[2], table_row=block_table.stride(0),
         num_kv_heads=plan.num_kv_heads, scale=scale, G=plan.group,
         D=plan.head_dim, PAGE_SIZE=page_size, SELECT_BLOCK=config.select_block,
         TOPK=config.select_topk, INIT_BLOCKS=config.init_blocks,
         LOCAL_BLOCKS=config.local_blocks)
     grid = (plan.num_tokens, plan.num_kv_heads)
     if plan.decode:
-        _score_bounds_decode_kernel[(*grid, plan.scan_splits)](
+        launch(_score_bounds_decode_kernel, (*grid, plan.scan_splits),
             block_scores_ptr=plan.block_scores, blocks_row=plan.blocks_row,
             num_reqs=plan.num_reqs, num_splits=plan.scan_splits,
             BB=plan.select_tile_blocks, **common)
-        _select_bounds_decode_kernel[grid](
+        launch(_select_bounds_decode_kernel, grid,
             qsl_ptr=query_start_loc, seq_lens_ptr=seq_lens, block_scores_ptr=plan.block_scores,
             indices_ptr=block_indices, blocks_row=plan.blocks_row, num_reqs=plan.num_reqs,
             num_kv_heads=plan.num_kv_heads, SELECT_BLOCK=config.select_block,
             TOPK=config.select_topk, CHUNK=min(pow2(plan.blocks_row), 1024))
         return block_indices
-    _select_bounds_kernel[(plan.num_select_tiles, plan.num_kv_heads, plan.scan_splits)](
+    launch(_select_bounds_kernel, (plan.num_select_tiles, plan.num_kv_heads, plan.scan_splits),
         tile_req_ptr=plan.select_tile_req, tile_qoff_ptr=plan.select_tile_qoff,
         indices_ptr=block_indices, candidates_ptr=plan.select_candidates,
         num_splits=plan.scan_splits, BLOCK_T=plan.select_block_t, BB=plan.select_tile_blocks,
         DOT_PRECISION=plan.dot_precision, **common)
     if plan.select_candidates is not None:
-        _merge_topk_kernel[grid](
+        launch(_merge_topk_kernel, grid,
             candidates_ptr=plan.select_candidates, qsl_ptr=query_start_loc,
             indices_ptr=block_indices, num_reqs=plan.num_reqs, num_kv_heads=plan.num_kv_heads,
             num_splits=plan.scan_splits, BB=plan.select_tile_blocks,
