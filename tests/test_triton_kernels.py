@@ -20,6 +20,7 @@ from vllm_nsa.kernels import paged
 from vllm_nsa.kernels import triton as triton_nsa
 from vllm_nsa.kernels.pipeline import output_views
 from vllm_nsa.kernels.reference import combine_gated
+from vllm_nsa.kernels.triton import plan as plan_module
 from vllm_nsa.kernels.triton.attend import _attend_kernel
 from vllm_nsa.kernels.triton.select import _select_decode_kernel
 
@@ -424,6 +425,23 @@ def test_served_head_dims_match_twin(head_dim, group, gated):
     assert torch.equal(idx, twin_idx)
     assert not out.isnan().any()
     torch.testing.assert_close(out, twin_out, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_t", [1, 4, 16, 64])
+def test_query_tiles_match_twin(block_t):
+    """The plan's tile lookup (one kernel) against its torch twin, on batches of more
+    requests than one scan step holds, with empty and long requests and graph padding."""
+    gen = torch.Generator().manual_seed(block_t)
+    for num_reqs in (1, 3, plan_module.TILE_REQS + 7):
+        lens = torch.randint(0, 3 * block_t + 2, (num_reqs,), generator=gen)
+        lens[0] = 1
+        qsl = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
+        num_tokens = int(qsl[-1]) + 5        # padding tokens past the last request
+        got = plan_module.query_tiles(qsl, num_tokens, block_t)
+        want = plan_module.query_tiles_torch(qsl, num_tokens, block_t)
+        assert got[0].shape[0] > plan_module.TILE_IDS or num_reqs < plan_module.TILE_REQS
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
 
 
 def test_prefill_attend_choice():

@@ -11,8 +11,11 @@ import dataclasses
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 from vllm_nsa.config import NSAConfig
+from vllm_nsa.kernels.triton.launch import launch
 from vllm_nsa.support import check_supported
 
 # Rows of a query tile in the tensor-core dots (tl.dot needs >= 16).
@@ -144,10 +147,58 @@ class StepPlan:
     attend_parts: Partials | None    # attend split: [N, HQ, sets, splits] (sets: 1 or 2)
 
 
+# Query tiles per program of `_query_tiles_kernel`, and requests per step of its scan.
+TILE_IDS = 128
+TILE_REQS = 64
+
+
+@triton.jit
+def _query_tiles_kernel(qsl_ptr, tile_req_ptr, tile_qoff_ptr, num_reqs, num_tiles,
+                        BLOCK_T: tl.constexpr, TILES: tl.constexpr, REQS: tl.constexpr):
+    """Tiles [pid * TILES, +TILES): the request whose tiles hold each (or -1) and its first
+    query offset there. Request r's tiles follow those of requests < r, ceil(len_r /
+    BLOCK_T) of them; one scan over the requests, REQS at a time."""
+    tiles = tl.program_id(0) * TILES + tl.arange(0, TILES)
+    tile_req = tl.full([TILES], -1, tl.int32)
+    tile_qoff = tl.zeros([TILES], tl.int32)
+    tiles_before = tl.sum(tl.zeros([REQS], tl.int32), axis=0)
+    for start in range(0, num_reqs, REQS):
+        reqs = start + tl.arange(0, REQS)
+        valid = reqs < num_reqs
+        query_lens = (tl.load(qsl_ptr + reqs + 1, mask=valid, other=0)
+                      - tl.load(qsl_ptr + reqs, mask=valid, other=0))
+        counts = (query_lens + BLOCK_T - 1) // BLOCK_T
+        ends = tiles_before + tl.cumsum(counts, axis=0)
+        begins = ends - counts
+        # At most one request's [begin, end) holds a tile.
+        owns = (begins[None, :] <= tiles[:, None]) & (tiles[:, None] < ends[None, :])
+        tile_req = tl.where(tl.max(owns.to(tl.int32), axis=1) > 0,
+                            tl.sum(tl.where(owns, reqs[None, :], 0), axis=1), tile_req)
+        tile_qoff += tl.sum(tl.where(owns, (tiles[:, None] - begins[None, :]) * BLOCK_T, 0),
+                            axis=1)
+        tiles_before += tl.sum(counts, axis=0)
+    tl.store(tile_req_ptr + tiles, tile_req, mask=tiles < num_tiles)
+    tl.store(tile_qoff_ptr + tiles, tile_qoff, mask=tiles < num_tiles)
+
+
 def query_tiles(query_start_loc: torch.Tensor, num_tokens: int, block_t: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiles of block_t consecutive query tokens of one request: (request or -1, first query
-    offset) for a grid sized from host-known numbers only (no sync)."""
+    offset; 0 for unused tiles) for a grid sized from host-known numbers only (no sync).
+    One launch (torch ops cost ~20 launches); twin: `query_tiles_torch`."""
+    num_reqs = query_start_loc.shape[0] - 1
+    max_tiles = -(-num_tokens // block_t) + num_reqs
+    tile_req = torch.empty(max_tiles, dtype=torch.int32, device=query_start_loc.device)
+    tile_qoff = torch.empty_like(tile_req)
+    launch(_query_tiles_kernel, (-(-max_tiles // TILE_IDS),), qsl_ptr=query_start_loc,
+           tile_req_ptr=tile_req, tile_qoff_ptr=tile_qoff, num_reqs=num_reqs,
+           num_tiles=max_tiles, BLOCK_T=block_t, TILES=TILE_IDS, REQS=TILE_REQS)
+    return tile_req, tile_qoff
+
+
+def query_tiles_torch(query_start_loc: torch.Tensor, num_tokens: int, block_t: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch twin of `query_tiles`."""
     num_reqs = query_start_loc.shape[0] - 1
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).to(torch.int64)
     tiles_per_req = (q_lens + block_t - 1) // block_t
@@ -159,7 +210,7 @@ def query_tiles(query_start_loc: torch.Tensor, num_tokens: int, block_t: int
     req = req.clamp(max=num_reqs - 1)
     first_tile = tile_end[req] - tiles_per_req[req]
     tile_req = torch.where(valid, req, -1).to(torch.int32)
-    tile_qoff = ((tile_ids - first_tile) * block_t).to(torch.int32)
+    tile_qoff = torch.where(valid, (tile_ids - first_tile) * block_t, 0).to(torch.int32)
     return tile_req, tile_qoff
 
 
