@@ -119,6 +119,10 @@ class StepPlan:
                              # of the tiles its own request reaches; "bounds" decode: of
                              # one (token, KV head)'s bounds)
     lse: torch.Tensor        # [N, HQ] float32: the score stage's output
+    # [N, H, n] int32: the select stage's output, -1 filled once per step: every layer's
+    # select writes all n entries of the same rows (real tokens'), and its attend reads
+    # them before the next layer's select (one torch.full per layer less).
+    block_indices: torch.Tensor
     score_parts: Partials | None     # scan split: partials for combine
     # Decode selection scratch, rows sized by the block table's capacity, so no context
     # the cache can hold overflows them.
@@ -323,6 +327,8 @@ def make_plan(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
         select_tile_blocks=tile_blocks, select_tile_entries=tile_entries,
         scan_tiles=scan_tiles, scan_splits=scan_splits,
         lse=torch.empty((num_tokens, num_heads), **f32), score_parts=score_parts,
+        block_indices=torch.full((num_tokens, num_kv_heads, config.select_topk), -1,
+                                 dtype=torch.int32, device=device),
         blocks_row=blocks_row, tiles_row=tiles_row, **decode_scratch,
         select_candidates=select_candidates, attend_union=attend_union,
         attend_block_t=attend_block_t, num_attend_tiles=num_attend_tiles,

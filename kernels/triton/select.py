@@ -351,8 +351,7 @@ def select(q: torch.Tensor, cmp_key_cache: torch.Tensor, block_table: torch.Tens
            config: NSAConfig, scale: float, plan: StepPlan) -> torch.Tensor:
     """Block selection: block_indices [N, H, select_topk] int32, ascending, -1 padded.
     See paged.select."""
-    block_indices = torch.full((plan.num_tokens, plan.num_kv_heads, config.select_topk), -1,
-                               dtype=torch.int32, device=q.device)
+    block_indices = plan.block_indices
     if plan.num_tokens == 0:
         return block_indices
     common = dict(COMPRESS_BLOCK=config.compress_block, COMPRESS_STRIDE=config.compress_stride,
@@ -595,8 +594,7 @@ def select_bounds(q: torch.Tensor, bound_min_cache: torch.Tensor,
                   scale: float, page_size: int, plan: StepPlan) -> torch.Tensor:
     """Block selection with the "bounds" scorer (merged mode, no score stage):
     block_indices [N, H, select_topk] int32, ascending, -1 padded. See paged.select_bounds."""
-    block_indices = torch.full((plan.num_tokens, plan.num_kv_heads, config.select_topk), -1,
-                               dtype=torch.int32, device=q.device)
+    block_indices = plan.block_indices
     if plan.num_tokens == 0:
         return block_indices
     q_strides = q.stride()
