@@ -644,18 +644,23 @@ def host_time(profile=False):
         torch.cuda.synchronize()
         calls, layers = 192, 32
         host = {}
-        # "triton": every launch through Triton's path; "direct": a repeat of the previous
-        # layer's launches (launch.py); "step": the memo emptied every 32 layers, as when
-        # every step brings new sizes, so each step's first layer takes Triton's path.
+        # Each call timed alone on an idle GPU (synchronised before it), so a GPU slower
+        # than the host cannot fill the launch queue and stall it. "triton": every launch
+        # through Triton's path; "direct": a repeat of the previous layer's launches
+        # (launch.py); "step": the memo emptied every 32 layers, as when every step brings
+        # new sizes, so each step's first layer takes Triton's path. Medians.
         for path in ("triton", "direct", "step"):
             launch_module.DIRECT = path != "triton"
-            start = time.perf_counter()
+            times = []
             for call in range(calls):
                 if path == "step" and call % layers == 0:
                     launch_module._memo.clear()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
                 layer(plan)
-            host[path] = (time.perf_counter() - start) / calls * 1e6
-            torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            host[path] = (sorted(times)[calls // 2] if path != "step"
+                          else sum(times) / calls) * 1e6
         launch_module.DIRECT = True
         if profile:
             # Where the host time goes: the top functions by own time over the same calls.
