@@ -439,6 +439,11 @@ def prefill(fa3, fla):
                 except Exception as exc:
                     log(f"  FA3 prefill failed: {exc!r}")
             rows.append(row)
+            fa3_ms = row.get("fa3_ms", float("nan"))
+            log(f"  ({hq},{h}) T={T:6d}: NSA3 {row['nsa_gated_ms']:8.2f} ms  merged "
+                f"{row['nsa_merged_ms']:8.2f}  bounds {row['nsa_bounds_ms']:8.2f} "
+                f"(x{fa3_ms / row['nsa_bounds_ms']:.2f})  SDPA {row['sdpa_ms']:8.2f}  "
+                f"FA3 {fa3_ms:8.2f}")
             RESULTS["prefill"] = rows
             dump()
             # FLA last: its autotuning compiles for a while, and the row is saved already.
