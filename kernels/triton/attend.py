@@ -27,29 +27,51 @@ from vllm_nsa.kernels.triton.plan import StepPlan, pow2
 
 # Launch options of `_attend_union_kernel` (bench_kernels' "tune" part sweeps them): its
 # loop walks a precomputed list, so the next block's keys can be prefetched. On an H100
-# at 64k, (32, 8): 30.0 / 27.1 / 26.0 ms with 1 / 2 / 3 stages; (64, 4): 23.5 / 20.7 /
-# 21.9 ms; 8 warps lost 1.7-1.9x.
+# at 64k, (32, 8), with int32 key offsets and one page per key tile: 19.8 / 16.7 / 16.2 /
+# 16.0 ms with 1 / 2 / 3 / 4 stages; (64, 4): 16.5 / 14.8 / 14.1 / 14.4 ms; 8 warps
+# lost about 2x (255 registers a thread at 4 warps already).
 UNION_LAUNCH = dict(num_warps=4, num_stages=3)
 
 
 @triton.jit
-def _attend_tile(q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions, ok,
-                 row_ok, kv_head, kc_page, kc_slot, kc_head, vc_page, vc_slot, vc_head,
+def _attend_tile(q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, start, lo, hi,
+                 load_hi, kv_head, kc_page, kc_slot, kc_head, vc_page, vc_slot, vc_head,
                  qk_scale, row_max, row_sum, acc,
-                 PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over raw positions read through the table: `ok` [K] says
-    which positions are loaded, `row_ok` ([R, K] or [1, K]) which each row attends."""
-    pages = tl.load(table_ptr + req * table_row + positions // PAGE_SIZE, mask=ok,
-                    other=0).to(tl.int64)
-    slots = positions % PAGE_SIZE
+                 PAGE_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
+                 DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over the BLOCK_K raw positions from `start` (a multiple of
+    BLOCK_K), read through the table: key offsets 0..load_hi are loaded (none when
+    load_hi < 0), row r attends offsets lo[r]..hi[r]. Everything per key or per element
+    is int32 offsets from scalars: this loop is bound by instruction issue, not by the
+    tensor cores (ncu, H100: integer ALU the busiest pipe with int64 positions and
+    per-key pages)."""
+    key_offs = tl.arange(0, BLOCK_K)
+    ok = key_offs <= load_hi
     d = tl.arange(0, D)
-    keys = tl.load(key_cache_ptr + pages[:, None] * kc_page + slots[:, None] * kc_slot
-                   + kv_head * kc_head + d[None, :], mask=ok[:, None], other=0.0)
     dv = tl.arange(0, DV)
-    values = tl.load(value_cache_ptr + pages[:, None] * vc_page + slots[:, None] * vc_slot
-                     + kv_head * vc_head + dv[None, :], mask=ok[:, None], other=0.0)
+    if PAGE_SIZE % BLOCK_K == 0:
+        # The tile lies in one page: one table entry, one base pointer.
+        page = tl.load(table_ptr + req * table_row + start // PAGE_SIZE, mask=load_hi >= 0,
+                       other=0).to(tl.int64)
+        slot = start % PAGE_SIZE
+        keys = tl.load(key_cache_ptr + (page * kc_page + slot * kc_slot + kv_head * kc_head)
+                       + key_offs[:, None] * kc_slot + d[None, :], mask=ok[:, None],
+                       other=0.0)
+        values = tl.load(value_cache_ptr + (page * vc_page + slot * vc_slot
+                                            + kv_head * vc_head)
+                         + key_offs[:, None] * vc_slot + dv[None, :], mask=ok[:, None],
+                         other=0.0)
+    else:
+        positions = start + key_offs
+        pages = tl.load(table_ptr + req * table_row + positions // PAGE_SIZE, mask=ok,
+                        other=0).to(tl.int64)
+        slots = positions % PAGE_SIZE
+        keys = tl.load(key_cache_ptr + pages[:, None] * kc_page + slots[:, None] * kc_slot
+                       + kv_head * kc_head + d[None, :], mask=ok[:, None], other=0.0)
+        values = tl.load(value_cache_ptr + pages[:, None] * vc_page + slots[:, None] * vc_slot
+                         + kv_head * vc_head + dv[None, :], mask=ok[:, None], other=0.0)
     scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * qk_scale
+    row_ok = (key_offs[None, :] >= lo[:, None]) & (key_offs[None, :] <= hi[:, None])
     scores = tl.where(row_ok, scores, float("-inf"))
     row_max, row_sum, acc, _, _ = online_softmax_step(scores, values, row_max, row_sum, acc,
                                                       True, DOT_PRECISION)
@@ -108,7 +130,7 @@ def _attend_kernel(
         return
     q_begin = tl.load(qsl_ptr + req)
     q_len = tl.load(qsl_ptr + req + 1) - q_begin
-    position = tl.load(seq_lens_ptr + req) - q_len + (token - q_begin)
+    position = tl.load(seq_lens_ptr + req) - q_len + (token - q_begin).to(tl.int32)
     rows = tl.arange(0, ROWS)
     row_valid = rows < G
     head = kv_head * G + rows
@@ -118,7 +140,6 @@ def _attend_kernel(
     index_base = indices_ptr + (token * num_kv_heads + kv_head) * TOPK
     topk_offs = tl.arange(0, TOPK_PAD)
     selected = tl.load(index_base + topk_offs, mask=topk_offs < TOPK, other=-1)
-    key_offs = tl.arange(0, BLOCK_K)
     dv = tl.arange(0, DV)
     out_ptrs = out_ptr + token * out_tok + head[:, None] * out_head + dv[None, :]
     SETS: tl.constexpr = 1 + GATED
@@ -130,16 +151,18 @@ def _attend_kernel(
     row_max = tl.full([ROWS], float("-inf"), tl.float32)
     row_sum = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, DV], tl.float32)
-    # Branch-free tiles so Triton can pipeline the loop; a padding block (-1) has only
-    # negative positions and is fully masked.
+    # Branch-free tiles so Triton can pipeline the loop.
+    zero = tl.zeros([ROWS], tl.int32)
     for step in range(step_lo, tl.minimum(step_hi, TOPK * SUB)):
         block = tl.load(index_base + step // SUB)
-        positions = block.to(tl.int64) * SELECT_BLOCK + (step % SUB) * BLOCK_K + key_offs
-        ok = (positions >= 0) & (positions <= position)
+        start = block * SELECT_BLOCK + (step % SUB) * BLOCK_K
+        # A padding block (-1) loads and attends nothing.
+        load_hi = tl.where(block >= 0, position - start, -1)
         row_max, row_sum, acc = _attend_tile(
-            q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions, ok,
-            ok[None, :], kv_head, kc_page, kc_slot, kc_head, vc_page, vc_slot, vc_head,
-            qk_scale, row_max, row_sum, acc, PAGE_SIZE, D, DV, DOT_PRECISION)
+            q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, start, zero,
+            zero + load_hi, load_hi, kv_head, kc_page, kc_slot, kc_head, vc_page, vc_slot,
+            vc_head, qk_scale, row_max, row_sum, acc, PAGE_SIZE, BLOCK_K, D, DV,
+            DOT_PRECISION)
     if GATED:
         _finish_set(out_ptrs, part_max_ptr, part_sum_ptr, part_acc_ptr, part, row_max,
                     row_sum, acc, row_valid, DV)
@@ -161,12 +184,11 @@ def _attend_kernel(
                 times_attended = tl.sum((selected == first // SELECT_BLOCK).to(tl.int32),
                                         axis=0)
             if times_attended == 0:
-                positions = first + key_offs
-                ok = (positions >= window_first) & (positions <= position)
                 row_max, row_sum, acc = _attend_tile(
-                    q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions,
-                    ok, ok[None, :], kv_head, kc_page, kc_slot, kc_head, vc_page, vc_slot,
-                    vc_head, qk_scale, row_max, row_sum, acc, PAGE_SIZE, D, DV,
+                    q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, first,
+                    zero + (window_first - first), zero + (position - first),
+                    position - first, kv_head, kc_page, kc_slot, kc_head, vc_page, vc_slot,
+                    vc_head, qk_scale, row_max, row_sum, acc, PAGE_SIZE, BLOCK_K, D, DV,
                     DOT_PRECISION)
     last_set = SETS - 1
     _finish_set(out_ptrs + last_set * out_set, part_max_ptr, part_sum_ptr, part_acc_ptr,
@@ -174,23 +196,44 @@ def _attend_kernel(
 
 
 @triton.jit
-def _union_list(selected, list_base, bits_base, BLOCK_T: tl.constexpr):
+def _distinct_combine(first_a, last_a, count_a, run_a, first_b, last_b, count_b, run_b):
+    """Scan of an ascending sequence, range a before range b: (first value, last value,
+    distinct values, length of the last value's run)."""
+    count = count_a + count_b - (last_a == first_b).to(tl.int32)
+    run = tl.where(last_a == last_b, run_a + run_b, run_b)
+    return first_a, last_b, count, run
+
+
+@triton.jit
+def _first_run_or_combine(block_a, bits_a, block_b, bits_b):
+    """Reverse scan of an ascending sequence, range b before range a: (first value, OR of
+    the bits of its run)."""
+    return block_b, tl.where(block_a == block_b, bits_a | bits_b, bits_b)
+
+
+@triton.jit
+def _union_list(selected, list_base, bits_base, BLOCK_T: tl.constexpr,
+                TOPK_PAD: tl.constexpr):
     """Write the union of a tile's selected blocks ([BLOCK_T, TOPK_PAD], -1 padded) to
     list_base ascending and, per block, a bit per tile token that selected it to bits_base;
-    returns its length. Reads nothing but `selected` (a few small reductions per block)."""
+    returns its length. Reads nothing but `selected`: one sort of (block, token) keys and
+    two scans, each run of one block writing its entry from its first element (a loop
+    of reductions per block took 1.3 ms of 26 at 64k, (32, 8), H100)."""
     NONE: tl.constexpr = 2 ** 30
-    token_bits = tl.full([BLOCK_T], 1, tl.int64) << tl.arange(0, BLOCK_T).to(tl.int64)
-    count = 0
-    block = tl.min(tl.min(tl.where(selected >= 0, selected, NONE), axis=1), axis=0)
-    while block < NONE:
-        # A token selects a block at most once: the sum of its bits is their union.
-        bits = tl.sum(tl.where(tl.max((selected == block).to(tl.int32), axis=1) > 0,
-                               token_bits, 0), axis=0)
-        tl.store(list_base + count, block)
-        tl.store(bits_base + count, bits)
-        count += 1
-        block = tl.min(tl.min(tl.where(selected > block, selected, NONE), axis=1), axis=0)
-    return count
+    N: tl.constexpr = BLOCK_T * TOPK_PAD
+    tokens = tl.broadcast_to(tl.arange(0, BLOCK_T)[:, None], [BLOCK_T, TOPK_PAD])
+    keys = tl.where(selected >= 0, selected.to(tl.int64) * 64 + tokens, NONE * 64)
+    keys = tl.sort(tl.reshape(keys, [N]))        # BLOCK_T <= 64 tokens
+    block = (keys // 64).to(tl.int32)
+    bit = tl.full([N], 1, tl.int64) << (keys % 64)
+    ones = tl.full([N], 1, tl.int32)
+    _, _, count, run = tl.associative_scan((block, block, ones, ones), 0, _distinct_combine)
+    _, bits = tl.associative_scan((block, bit), 0, _first_run_or_combine, reverse=True)
+    valid = block < NONE
+    first = valid & (run == 1)
+    tl.store(list_base + count - 1, block, mask=first)
+    tl.store(bits_base + count - 1, bits, mask=first)
+    return tl.max(tl.where(valid, count, 0), axis=0)
 
 
 @triton.jit(do_not_specialize=["num_kv_heads", "union_capacity"])
@@ -243,10 +286,9 @@ def _attend_union_kernel(
                        mask=token_ok[:, None] & (topk_offs[None, :] < TOPK), other=-1)
     list_row = (tile * num_kv_heads + kv_head).to(tl.int64) * union_capacity
     union_size = _union_list(selected, union_blocks_ptr + list_row,
-                             union_tokens_ptr + list_row, BLOCK_T)
+                             union_tokens_ptr + list_row, BLOCK_T, TOPK_PAD)
     tl.debug_barrier()   # the list is written by some threads and read by all
     row_token = (tl.arange(0, BLOCK_T * GP) // GP).to(tl.int64)
-    key_offs = tl.arange(0, BLOCK_K)
     dv = tl.arange(0, DV)
     out_ptrs = out_ptr + token[:, None] * out_tok + head[:, None] * out_head + dv[None, :]
     ROWS: tl.constexpr = BLOCK_T * GP
@@ -254,17 +296,17 @@ def _attend_union_kernel(
     row_max = tl.full([ROWS], float("-inf"), tl.float32)
     row_sum = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, DV], tl.float32)
+    zero = tl.zeros([ROWS], tl.int32)
     for entry in range(0, union_size):
         block = tl.load(union_blocks_ptr + list_row + entry)
         attends = ((tl.load(union_tokens_ptr + list_row + entry) >> row_token) & 1) != 0
         for sub in tl.static_range(SUB):
-            positions = block.to(tl.int64) * SELECT_BLOCK + sub * BLOCK_K + key_offs
-            row_ok = attends[:, None] & (positions[None, :] <= position[:, None])
+            start = block * SELECT_BLOCK + sub * BLOCK_K
             row_max, row_sum, acc = _attend_tile(
-                q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions,
-                positions <= last_position, row_ok, kv_head, kc_page, kc_slot, kc_head,
-                vc_page, vc_slot, vc_head, qk_scale, row_max, row_sum, acc,
-                PAGE_SIZE, D, DV, DOT_PRECISION)
+                q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, start, zero,
+                tl.where(attends, position - start, -1), last_position - start, kv_head,
+                kc_page, kc_slot, kc_head, vc_page, vc_slot, vc_head, qk_scale, row_max,
+                row_sum, acc, PAGE_SIZE, BLOCK_K, D, DV, DOT_PRECISION)
     if GATED:
         tl.store(out_ptrs, normalise(acc, row_sum).to(out_ptrs.dtype.element_ty),
                  mask=row_valid[:, None])
@@ -277,20 +319,18 @@ def _attend_union_kernel(
         for tile_k in range(tl.maximum(first_position - WINDOW + 1, 0) // BLOCK_K,
                             last_position // BLOCK_K + 1):
             first = tile_k * BLOCK_K
-            positions = first + key_offs
-            row_ok = ((positions[None, :] >= window_first[:, None])
-                      & (positions[None, :] <= position[:, None]))
+            hi = position - first
             if not GATED:
                 # Merged mode: a row's already attended block adds nothing here.
                 taken = tl.max((selected == first // SELECT_BLOCK).to(tl.int32), axis=1)
                 taken_rows = tl.reshape(tl.broadcast_to(taken[:, None], [BLOCK_T, GP]),
                                         [ROWS])
-                row_ok = row_ok & (taken_rows == 0)[:, None]
+                hi = tl.where(taken_rows == 0, hi, -1)
             row_max, row_sum, acc = _attend_tile(
-                q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, positions,
-                positions <= last_position, row_ok, kv_head, kc_page, kc_slot, kc_head,
-                vc_page, vc_slot, vc_head, qk_scale, row_max, row_sum, acc,
-                PAGE_SIZE, D, DV, DOT_PRECISION)
+                q, key_cache_ptr, value_cache_ptr, table_ptr, req, table_row, first,
+                window_first - first, hi, last_position - first, kv_head, kc_page, kc_slot,
+                kc_head, vc_page, vc_slot, vc_head, qk_scale, row_max, row_sum, acc,
+                PAGE_SIZE, BLOCK_K, D, DV, DOT_PRECISION)
     if GATED:
         out_ptrs += out_set
     tl.store(out_ptrs, normalise(acc, row_sum).to(out_ptrs.dtype.element_ty),
