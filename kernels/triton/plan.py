@@ -27,8 +27,9 @@ MIN_ROWS = 16
 BOUNDS_SELECT_TOKENS = 64
 # Rows (tokens x padded heads) of a union attention tile, at most 64 tokens (the union
 # lists keep one bit per token in an int64). 128 rows share more blocks per token but
-# lost on an H100 at 64k (bench_kernels "tune": (32, 8) 26.0 ms at 64 rows vs 32.4 ms at
-# 128 rows with 8 warps, 34.6 with 4; (64, 4) 21.9 vs 23.5).
+# lost on an H100 at 64k (bench_kernels "tune" at 5abb455, before the int32 key tiles:
+# (32, 8) 26.0 ms at 64 rows vs 32.4 ms at 128 rows with 8 warps, 34.6 with 4; (64, 4)
+# 21.9 vs 23.5).
 UNION_ROWS = 64
 UNION_MAX_TOKENS = 64
 # Split counts are runtime arguments (a new batch shape never compiles a new kernel); the
