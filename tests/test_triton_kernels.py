@@ -11,6 +11,8 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from oracle import assert_same_blocks_except_near_ties, oracle_nsa
@@ -21,7 +23,7 @@ from vllm_nsa.kernels import triton as triton_nsa
 from vllm_nsa.kernels.pipeline import output_views
 from vllm_nsa.kernels.reference import combine_gated
 from vllm_nsa.kernels.triton import plan as plan_module
-from vllm_nsa.kernels.triton.attend import _attend_kernel
+from vllm_nsa.kernels.triton.attend import _attend_kernel, _union_list
 from vllm_nsa.kernels.triton.select import _select_decode_kernel
 
 # conftest.py collects this module only when TRITON_INTERPRET=1 was set before Python
@@ -442,6 +444,43 @@ def test_query_tiles_match_twin(block_t):
         assert got[0].shape[0] > plan_module.TILE_IDS or num_reqs < plan_module.TILE_REQS
         for g, w in zip(got, want):
             assert torch.equal(g, w)
+
+
+@triton.jit
+def _union_list_probe(selected_ptr, blocks_ptr, bits_ptr, size_ptr, BLOCK_T: tl.constexpr,
+                      TOPK_PAD: tl.constexpr):
+    offs = tl.arange(0, BLOCK_T)[:, None] * TOPK_PAD + tl.arange(0, TOPK_PAD)[None, :]
+    size = _union_list(tl.load(selected_ptr + offs), blocks_ptr, bits_ptr, BLOCK_T, TOPK_PAD)
+    tl.store(size_ptr, size)
+
+
+@pytest.mark.parametrize("block_t", [1, 4, 16, 64])
+def test_union_list_is_the_union_of_the_tokens_blocks(block_t):
+    """A union tile's list (one sort and two scans): every block some token selected, once,
+    ascending, with one bit per token that selected it, from rows of ascending blocks
+    padded with -1, some empty (token 0 always; at one token the union is empty), many
+    blocks shared; the last token always selects (bit 63 at 64 tokens)."""
+    gen = torch.Generator().manual_seed(block_t)
+    topk_pad = 16
+    selected = torch.full((block_t, topk_pad), -1, dtype=torch.int32)
+    for token in range(block_t):
+        count = int(torch.randint(int(token == block_t - 1), 13, (1,), generator=gen))
+        picks = torch.randperm(24, generator=gen)[:count].sort().values
+        selected[token, :count] = picks.to(torch.int32)
+    selected[0] = -1                                       # a token with no block
+    capacity = block_t * topk_pad
+    blocks = torch.full((capacity,), -7, dtype=torch.int32)
+    bits = torch.zeros(capacity, dtype=torch.int64)
+    size = torch.zeros(1, dtype=torch.int32)
+    _union_list_probe[(1,)](selected, blocks, bits, size, BLOCK_T=block_t, TOPK_PAD=topk_pad)
+    union = sorted({int(b) for b in selected.flatten() if b >= 0})
+    want_bits = [sum(1 << t for t in range(block_t) if b in selected[t].tolist())
+                 for b in union]
+    as_int64 = [(x + 2 ** 63) % 2 ** 64 - 2 ** 63 for x in want_bits]
+    assert int(size) == len(union)
+    assert blocks[:len(union)].tolist() == union
+    assert bits[:len(union)].tolist() == as_int64
+    assert (blocks[len(union):] == -7).all()               # nothing written past the list
 
 
 def test_prefill_attend_choice():
