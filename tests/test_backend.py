@@ -253,14 +253,14 @@ def test_page_padding_per_scorer():
 
 
 def test_preferred_page_holds_a_selection_block():
-    """With no --block-size, vLLM asks the backend for its page size: one selection block
-    (at least vLLM's default), a size the backend accepts."""
+    """With no --block-size, vLLM asks the backend for its page size: whole selection
+    blocks (vLLM's default rounded up to a multiple of one), a size the backend accepts."""
     from vllm_nsa.backend import NSAAttentionBackend
 
     for config, default, expected in ((NSAConfig(), 16, 64),
                                       (NSAConfig(selection_score="bounds"), 16, 64),
                                       (NSAConfig.from_fla(16, 4, 0), 16, 16),
-                                      (NSAConfig(), 128, 128)):
+                                      (NSAConfig(), 128, 128), (NSAConfig(), 96, 128)):
         backend = NSAAttentionBackend.for_config(config)
         size = backend.get_preferred_block_size(default)
         assert size == expected and backend.supports_block_size(size)

@@ -421,11 +421,13 @@ class NSAAttentionBackend(AttentionBackend):
 
     @classmethod
     def get_preferred_block_size(cls, default_block_size: int) -> int:
-        """The page size vLLM uses when --block-size is not given: at least one selection
-        block (64 tokens with the paper's parameters), so every key tile of the attention
-        kernels lies in one page (one table entry per tile: 1.3x faster union attention
-        than pages of 16 at 64k, H100) and a bounds slot is used by every page."""
-        preferred = max(default_block_size, cls.resolve_config().select_block)
+        """The page size vLLM uses when --block-size is not given: whole selection blocks
+        (64 tokens with the paper's parameters; vLLM's default rounded up to a multiple of
+        one), so every key tile of the attention kernels lies in one page (one table entry
+        per tile: 1.3x faster union attention than pages of 16 at 64k, H100) and a bounds
+        slot is used by every page."""
+        select_block = cls.resolve_config().select_block
+        preferred = -(-default_block_size // select_block) * select_block
         if cls.supports_block_size(preferred):
             return preferred
         return super().get_preferred_block_size(default_block_size)
