@@ -637,11 +637,23 @@ def host_time(profile=False):
         key = torch.randn(q.shape[0], h, D, device=DEV, dtype=DT)
         slots = torch.arange(q.shape[0], device=DEV)
 
-        def layer(plan):
-            nsa_triton.write_kv(key, key, caches[0], caches[1], slots)
-            nsa_triton.compress(*caches, b["table"], emit_req, emit_index, cfg)
-            nsa_triton.nsa_paged_attention(q, *caches, b["table"], qsl, b["seq_lens"], cfg,
-                                           D ** -0.5, out, gated, plan)
+        kv_replay, forward_replay = launch_module.LayerReplay(), launch_module.LayerReplay()
+
+        def layer(plan, step=None):
+            """One layer as the backend runs it; with a `step`, through its LayerReplays."""
+            def kv_write():
+                nsa_triton.write_kv(key, key, caches[0], caches[1], slots)
+
+            def forward():
+                nsa_triton.compress(*caches, b["table"], emit_req, emit_index, cfg)
+                nsa_triton.nsa_paged_attention(q, *caches, b["table"], qsl, b["seq_lens"],
+                                               cfg, D ** -0.5, out, gated, plan)
+            if step is None:
+                kv_write()
+                forward()
+            else:
+                kv_replay.run(step, (key, caches[0], caches[1]), kv_write)
+                forward_replay.run(step, (q, *caches, out), forward)
         plan = nsa_triton.make_plan(q, caches[0], caches[1], b["table"], qsl, cfg, gated,
                                     max_query_len=max(query_lens), scan_bound=2048)
         for _ in range(3):
@@ -652,17 +664,21 @@ def host_time(profile=False):
         # Each call timed alone on an idle GPU (synchronised before it), so a GPU slower
         # than the host cannot fill the launch queue and stall it. "triton": every launch
         # through Triton's path; "direct": a repeat of the previous layer's launches
-        # (launch.py); "step": the memo emptied every 32 layers, as when every step brings
-        # new sizes, so each step's first layer takes Triton's path. Medians.
-        for path in ("triton", "direct", "step"):
+        # (launch.py); "replay": a later layer of a step replaying the first (LayerReplay);
+        # "step": as the backend runs a step of 32 layers when every step brings new
+        # sizes: the memo emptied, the first layer on Triton's path, the first two
+        # recorded, the rest replayed (mean per layer). Medians of the others.
+        for path in ("triton", "direct", "replay", "step"):
             launch_module.DIRECT = path != "triton"
             times = []
+            step = object()
             for call in range(calls):
                 if path == "step" and call % layers == 0:
                     launch_module._memo.clear()
+                    step = object()
                 torch.cuda.synchronize()
                 start = time.perf_counter()
-                layer(plan)
+                layer(plan, step if path in ("replay", "step") else None)
                 times.append(time.perf_counter() - start)
             host[path] = (sorted(times)[calls // 2] if path != "step"
                           else sum(times) / calls) * 1e6
@@ -670,7 +686,8 @@ def host_time(profile=False):
         if profile:
             # Where the host time goes: the top functions by own time over the same calls.
             profiler = cProfile.Profile()
-            profiler.runcall(lambda: [layer(plan) for _ in range(calls)])
+            step = object()
+            profiler.runcall(lambda: [layer(plan, step) for _ in range(calls)])
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
             log("\n".join(line for line in text.getvalue().splitlines()[5:] if line.strip()))
@@ -680,11 +697,46 @@ def host_time(profile=False):
             nsa_triton.make_plan(q, caches[0], caches[1], b["table"], qsl, cfg, gated,
                                  max_query_len=max(query_lens), scan_bound=2048)
         plan_us = (time.perf_counter() - start) / 20 * 1e6
+        # Replayed layers compute what their own launches compute: four layers with their
+        # own q, caches and output, run plainly and through LayerReplays (layers 3-4
+        # replayed), outputs compared bit for bit.
+        layer_inputs = [(torch.randn_like(q), tuple(c.clone() for c in caches),
+                         torch.randn_like(key)) for _ in range(4)]
+        outputs = {}
+        for replayed in (False, True):
+            kv_replay, forward_replay, step = (launch_module.LayerReplay(),
+                                               launch_module.LayerReplay(), object())
+            for i, (q_i, caches_i, key_i) in enumerate(layer_inputs):
+                caches_i = tuple(c.clone() for c in caches_i)
+                out_i = torch.full_like(out, float("nan"))
+
+                def kv_write():
+                    nsa_triton.write_kv(key_i, key_i, caches_i[0], caches_i[1], slots)
+
+                def forward():
+                    nsa_triton.compress(*caches_i, b["table"], emit_req, emit_index, cfg)
+                    nsa_triton.nsa_paged_attention(q_i, *caches_i, b["table"], qsl,
+                                                   b["seq_lens"], cfg, D ** -0.5, out_i,
+                                                   gated, plan)
+                if replayed:
+                    kv_replay.run(step, (key_i, caches_i[0], caches_i[1]), kv_write)
+                    forward_replay.run(step, (q_i, *caches_i, out_i), forward)
+                else:
+                    kv_write()
+                    forward()
+                outputs[replayed, i] = (out_i, *caches_i)
+        identical = all(torch.equal(a.nan_to_num(7.0), b_.nan_to_num(7.0))
+                        for i in range(4) for a, b_ in zip(outputs[False, i], outputs[True, i]))
+        log(f"  replayed layers == their own launches (outputs and caches, bitwise): "
+            f"{'OK' if identical else 'FAIL'}")
         mode = mode_name(gated, cfg)
-        rows[mode] = dict(layer_host_us=host["step"], layer_host_us_direct=host["direct"],
+        rows[mode] = dict(replay_identical=identical, layer_host_us=host["step"],
+                          layer_host_us_replay=host["replay"],
+                          layer_host_us_direct=host["direct"],
                           layer_host_us_triton_path=host["triton"], plan_host_us=plan_us)
         log(f"  {mode}: us per layer (host): {host['step']:.1f} per step of {layers} layers,"
-            f" {host['direct']:.1f} direct, {host['triton']:.1f} Triton's path;"
+            f" {host['replay']:.1f} replayed, {host['direct']:.1f} direct,"
+            f" {host['triton']:.1f} Triton's path;"
             f" plan {plan_us:.1f} us per step")
     return rows
 

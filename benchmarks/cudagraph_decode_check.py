@@ -12,10 +12,12 @@ max_tokens so the decode batch shrinks 6 -> 1 and is padded to the graph sizes 1
   reference: the eager NSA decode path);
 - FULL_AND_PIECEWISE (vLLM's default): each decode step replays one full graph that holds
   the NSA kernels and the compression emission;
-- enforce_eager (no torch.compile, no graphs), for information.
+- enforce_eager (no torch.compile, no graphs), for information;
+- enforce_eager with VLLM_NSA_DIRECT_LAUNCH=0: every launch through Triton's own path, no
+  layer replay (kernels/triton/launch.py), the reference of the eager run's replayed layers.
 Each engine runs in its own process, in-process engine core, counting CUDA-graph replays,
 so the output proves which mode ran. Passes when FULL_AND_PIECEWISE tokens equal PIECEWISE
-tokens for both models.
+tokens and the eager tokens equal those without replay, for both models.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ MAX_TOKENS = (40, 33, 25, 18, 40, 9)
 CAPTURE_SIZES = [1, 2, 4, 8]
 LLAMA_NSA = {"compress_block": 32, "compress_stride": 16, "select_block": 64,
              "select_topk": 4, "window": 32}
-MODES = ("PIECEWISE", "FULL_AND_PIECEWISE", "EAGER")
+MODES = ("PIECEWISE", "FULL_AND_PIECEWISE", "EAGER", "EAGER_NO_REPLAY")
 
 
 def engine_job(model_dir: str, kind: str, mode: str) -> dict:
@@ -45,13 +47,13 @@ def engine_job(model_dir: str, kind: str, mode: str) -> dict:
     from vllm import SamplingParams
 
     replays = count_graph_replays()
-    # All six engines share the GPU at once: each takes a small fixed KV cache, so no
+    # All eight engines share the GPU at once: each takes a small fixed KV cache, so no
     # engine's memory profiling sees another's allocations.
     kwargs = dict(model=model_dir, dtype="float32", max_model_len=4096, block_size=64,
                   max_num_seqs=8, seed=0, gpu_memory_utilization=0.1,
                   kv_cache_memory_bytes=512 << 20,
                   **(nsa_args(LLAMA_NSA) if kind == "llama" else {"attention_backend": "NSA"}))
-    if mode == "EAGER":
+    if mode.startswith("EAGER"):
         kwargs["enforce_eager"] = True
     else:
         kwargs["compilation_config"] = {"cudagraph_mode": mode,
@@ -106,7 +108,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--parallel", type=int, default=len(MODES) * 2,
-                        help="engines at once (default: all six)")
+                        help="engines at once (default: all eight)")
     parser.add_argument("--timeout", type=float, default=480, help="seconds per engine")
     parser.add_argument("--worker", nargs=4, metavar=("MODEL_DIR", "KIND", "MODE", "JSON"),
                         help=argparse.SUPPRESS)
@@ -128,7 +130,9 @@ def main() -> int:
             kind, model_dir, mode = job
             path = os.path.join(root, f"{kind}_{mode}.json")
             error = run_isolated([sys.executable, __file__, "--worker", model_dir, kind, mode,
-                                  path], env=env, timeout=args.timeout,
+                                  path], timeout=args.timeout,
+                                 env=env | ({"VLLM_NSA_DIRECT_LAUNCH": "0"}
+                                            if mode == "EAGER_NO_REPLAY" else {}),
                                  log_path=os.path.join(args.out, f"cudagraph_{kind}_{mode}.log"))
             if error:
                 print(f"{kind} {mode}: engine failed ({error})", flush=True)
@@ -152,6 +156,9 @@ def main() -> int:
             full = runs.get("FULL_AND_PIECEWISE")
             ok &= bool(full and full["vs_piecewise"]["tokens_equal"]
                        and full["full_graph_replays"] > 0)
+            if "EAGER" in runs and "EAGER_NO_REPLAY" in runs:
+                runs["EAGER"]["vs_no_replay"] = compare(runs["EAGER_NO_REPLAY"], runs["EAGER"])
+            ok &= bool(runs.get("EAGER", {}).get("vs_no_replay", {}).get("tokens_equal"))
     summary = {"device": device_name(), "date": datetime.date.today().isoformat(),
                "git_commit": git_commit(), "versions": versions(), "passed": ok,
                "results": results}
@@ -159,15 +166,20 @@ def main() -> int:
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"\n{'model':<6} {'mode':<19} {'graph replays':>13} {'full replays':>12} "
-          f"{'tokens = PIECEWISE':>18} {'max |dlogprob|':>14}")
+          f"{'tokens = PIECEWISE':>18} {'max |dlogprob|':>14} {'= no replay':>11} "
+          f"{'max |dlogprob|':>14}")
     for kind, runs in results.items():
         for mode, run in runs.items():
             cmp_ = run.get("vs_piecewise", {})
+            own = run.get("vs_no_replay", {})
             print(f"{kind:<6} {mode:<19} {run['graph_replays']:>13} "
                   f"{run['full_graph_replays']:>12} "
                   f"{str(cmp_.get('tokens_equal', '(ref)')):>18} "
-                  f"{cmp_.get('max_abs_logprob_diff', 0.0):>14.2e}")
-    print("PASS" if ok else "FAIL", "(full-graph decode replay == eager decode, token for token)")
+                  f"{cmp_.get('max_abs_logprob_diff', 0.0):>14.2e} "
+                  f"{str(own.get('tokens_equal', '')):>11} "
+                  f"{own.get('max_abs_logprob_diff', 0.0):>14.2e}")
+    print("PASS" if ok else "FAIL", "(full-graph decode replay == eager decode, token for token;"
+          " replayed eager layers == their own launches)")
     return 0 if ok else 1
 
 

@@ -102,3 +102,95 @@ def test_memo_starts_over_when_full(monkeypatch):
     # The third key cleared the memo, so n=8 compiles again.
     assert paths(kernel) == ["triton"] * 4
     assert len(launch_module._memo[kernel]) == 2
+
+
+# ---------------------------------------------------------------- LayerReplay
+def pointer_args(kernel):
+    """Each launch of `kernel` as (grid, arguments), tensors as their addresses (a replay
+    passes addresses)."""
+    launches = []
+    for path, grid, args in kernel.log:
+        if path == "triton":
+            args = [args[name] for name in kernel.arg_names]
+        launches.append(((*grid, 1, 1)[:3], [a.data_ptr() if isinstance(a, torch.Tensor) else a
+                                       for a in args]))
+    return launches
+
+
+class Layers:
+    """Layers of one step: each has its own input and output buffers; the step shares
+    `scratch`. `layer(i)` runs layer i's two launches through `replay` and counts how
+    often the launches were made by running the stage code."""
+
+    def __init__(self, replay, count=6, interpreted=False, temporary=False):
+        self.first, self.second = StandInKernel(interpreted), StandInKernel(interpreted)
+        self.replay = replay
+        self.step = object()
+        self.scratch = torch.zeros(32)
+        self.inputs = [(torch.randn(64), torch.zeros(48)) for _ in range(count)]
+        self.temporary = temporary
+        self.ran = 0
+
+    def launches(self, x, out, n):
+        self.ran += 1
+        launch(self.first, (2,), x_ptr=x, out_ptr=self.scratch, n=n, BLOCK=16)
+        target = torch.zeros(48) if self.temporary else out
+        launch(self.second, (3, 1), x_ptr=self.scratch[4:], out_ptr=target[8:], n=5,
+               BLOCK=16)
+
+    def layer(self, i, n=64, constants=()):
+        x, out = self.inputs[i]
+        self.replay.run(self.step, (x, out), lambda: self.launches(x, out, n), constants)
+
+    def expected(self, i, n=64):
+        x, out = self.inputs[i]
+        return [((2, 1, 1), [x.data_ptr(), self.scratch.data_ptr(), n, 16]),
+                ((3, 1, 1), [self.scratch.data_ptr() + 16, out.data_ptr() + 32, 5, 16])]
+
+
+def test_layers_after_the_second_replay_the_first_with_their_own_pointers():
+    layers = Layers(launch_module.LayerReplay())
+    for i in range(6):
+        layers.layer(i)
+    assert layers.ran == 2
+    first, second = pointer_args(layers.first), pointer_args(layers.second)
+    assert first == [layers.expected(i)[0] for i in range(6)]
+    assert second == [layers.expected(i)[1] for i in range(6)]
+    # Replayed launches pass addresses, not tensors.
+    assert all(type(arg) is int for arg in layers.first.log[-1][2][:2])
+
+
+@pytest.mark.parametrize("case", ["temporary", "interpreted", "switched_off"])
+def test_layers_that_cannot_be_replayed_always_run(case, monkeypatch):
+    if case == "switched_off":
+        monkeypatch.setattr(launch_module, "DIRECT", False)
+    layers = Layers(launch_module.LayerReplay(), temporary=case == "temporary",
+                    interpreted=case == "interpreted")
+    for i in range(4):
+        layers.layer(i)
+    assert layers.ran == 4
+    if case != "temporary":
+        assert pointer_args(layers.first) == [layers.expected(i)[0] for i in range(4)]
+
+
+def test_other_constants_layout_or_step_run_the_stage_code():
+    replay = launch_module.LayerReplay()
+    layers = Layers(replay, count=8)
+    for i in range(3):
+        layers.layer(i, constants=(1.0,))
+    assert layers.ran == 2
+    layers.layer(3, n=7, constants=(2.0,))          # another layer's parameters
+    assert layers.ran == 3
+    x, out = layers.inputs[4]
+    layers.inputs[4] = (x[:32], out)                   # another shape
+    layers.layer(4, constants=(1.0,))
+    assert layers.ran == 4
+    layers.layer(5, constants=(1.0,))                  # back to the replayed layout
+    assert layers.ran == 4
+    layers.step = object()                             # the next step starts over
+    layers.layer(6, constants=(1.0,))
+    assert layers.ran == 5
+    first = pointer_args(layers.first)
+    assert first[3] == layers.expected(3, n=7)[0]
+    assert first[4][1][0] == layers.inputs[4][0].data_ptr()
+    assert first[5] == layers.expected(5)[0] and first[6] == layers.expected(6)[0]

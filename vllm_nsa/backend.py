@@ -184,6 +184,20 @@ def paged_ops(device: torch.device):
     return paged
 
 
+_LAYER_REPLAYS: dict[str, object] = {}
+
+
+def layer_replay(site: str):
+    """The Triton path's `LayerReplay` of one launch site ("kv_write", "forward"): the
+    layers of a step after the second replay the launches of the first (kernels/triton/
+    launch.py), so an eager step costs a fraction of the host time per layer."""
+    replay = _LAYER_REPLAYS.get(site)
+    if replay is None:
+        from vllm_nsa.kernels.triton.launch import LayerReplay
+        replay = _LAYER_REPLAYS[site] = LayerReplay()
+    return replay
+
+
 # ------------------------------------------------------------------ metadata
 @dataclass
 class NSAAttentionMetadata:
@@ -574,7 +588,15 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
                            value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
         key_cache, value_cache, _, _ = self._caches(kv_cache)
-        paged_ops(key.device).write_kv(key, value, key_cache, value_cache, slot_mapping)
+        ops = paged_ops(key.device)
+
+        def launches():
+            ops.write_kv(key, value, key_cache, value_cache, slot_mapping)
+        if key.is_cuda:
+            # Every layer of a step shares its slot mapping: the step of the replay.
+            layer_replay("kv_write").run(slot_mapping, (key, value, kv_cache), launches)
+        else:
+            launches()
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor,
@@ -588,10 +610,6 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
         md = attn_metadata
         ops = paged_ops(query.device)
         caches = self._caches(kv_cache)
-        # The raw K/V of this step are in the cache (do_kv_cache_update ran first); emit
-        # the scorer entries (compressed, or block bounds) they complete before any stage
-        # reads them.
-        ops.compress(*caches, md.block_table, md.emit_req, md.emit_index, self.config)
         num_tokens = md.num_actual_tokens
         if self.gated:
             out = output.view(-1, self.num_heads, 3, output.shape[-1])[:num_tokens]
@@ -603,7 +621,18 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
             md.plan = ops.make_plan(query, caches[0], caches[1], md.block_table,
                                     md.query_start_loc, self.config, self.gated,
                                     max_query_len=md.max_query_len, scan_bound=md.scan_bound)
-        ops.nsa_paged_attention(query, *caches, md.block_table, md.query_start_loc,
-                                md.seq_lens, self.config, self.scale, out, self.gated,
-                                md.plan)
+
+        def launches():
+            # The raw K/V of this step are in the cache (do_kv_cache_update ran first):
+            # emit the scorer entries (compressed, or block bounds) they complete before
+            # any stage reads them.
+            ops.compress(*caches, md.block_table, md.emit_req, md.emit_index, self.config)
+            ops.nsa_paged_attention(query, *caches, md.block_table, md.query_start_loc,
+                                    md.seq_lens, self.config, self.scale, out, self.gated,
+                                    md.plan)
+        if query.is_cuda:
+            layer_replay("forward").run(md, (query, kv_cache, out), launches,
+                                        (self.config, self.gated, self.scale))
+        else:
+            launches()
         return output

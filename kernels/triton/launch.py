@@ -12,14 +12,21 @@ specialisation (dtype, alignment; integers by ==1, divisibility by 16 and width)
 call never runs a variant compiled for other arguments. A new key (a new step's sizes)
 takes Triton's path once and records the kernel it returns.
 
-VLLM_NSA_DIRECT_LAUNCH=0 sends every launch through Triton's own path (the baseline of
-`benchmarks/bench_kernels.py host`). Under TRITON_INTERPRET=1 launches return nothing
-compiled, so every launch takes Triton's path.
+`LayerReplay` goes further for the layers of one step: it records the launches of one
+layer and, once a second layer has launched exactly the same (the same kernels, grids and
+values, each tensor at the same offset into that layer's own inputs), replays them for the
+next layers with only those pointers moved: no stage wrapper, argument binding or key.
+
+VLLM_NSA_DIRECT_LAUNCH=0 sends every launch through Triton's own path and turns the replay
+off (the baseline of `benchmarks/bench_kernels.py host`). Under TRITON_INTERPRET=1 launches
+return nothing compiled, so every launch takes Triton's path and nothing is replayed.
 """
 from __future__ import annotations
 
 import os
+from typing import Callable
 
+import torch
 from triton.compiler import CompiledKernel
 
 DIRECT = os.environ.get("VLLM_NSA_DIRECT_LAUNCH", "1") != "0"
@@ -28,6 +35,9 @@ DIRECT = os.environ.get("VLLM_NSA_DIRECT_LAUNCH", "1") != "0"
 MAX_KEYS = 256
 
 _memo: dict[object, dict[tuple, CompiledKernel]] = {}
+# While a LayerReplay records: (compiled kernel, grid, arguments) of every launch, None for
+# one it could not replay (Triton's path returned nothing compiled).
+_recorded: list | None = None
 
 
 _PLAIN = frozenset({int, float, bool, str, type(None)})
@@ -47,6 +57,8 @@ def launch(kernel, grid: tuple[int, ...], **kwargs) -> None:
     (num_warps, num_stages)."""
     if not DIRECT:
         kernel[grid](**kwargs)
+        if _recorded is not None:
+            _recorded.append(None)
         return
     names = kernel.arg_names
     args = [kwargs[name] for name in names]
@@ -57,11 +69,116 @@ def launch(kernel, grid: tuple[int, ...], **kwargs) -> None:
     key = (argument_key(args), options, args[0].get_device())
     compiled_of = _memo.setdefault(kernel, {})
     compiled = compiled_of.get(key)
+    grid = (*grid, 1, 1)[:3]
     if compiled is not None:
-        compiled[(*grid, 1, 1)[:3]](*args)
-        return
-    compiled = kernel[grid](**kwargs)
-    if isinstance(compiled, CompiledKernel):
-        if len(compiled_of) >= MAX_KEYS:
+        compiled[grid](*args)
+    else:
+        compiled = kernel[grid](**kwargs)
+        if not isinstance(compiled, CompiledKernel):
+            compiled = None
+        elif len(compiled_of) >= MAX_KEYS:
             compiled_of.clear()
-        compiled_of[key] = compiled
+        if compiled is not None:
+            compiled_of[key] = compiled
+    if _recorded is not None:
+        _recorded.append(None if compiled is None else (compiled, grid, args))
+
+
+def _extent(tensor: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses a tensor view can reach."""
+    if tensor.numel() == 0:
+        return tensor.data_ptr(), tensor.data_ptr()
+    span = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return tensor.data_ptr(), tensor.data_ptr() + (span + 1) * tensor.element_size()
+
+
+class _Template:
+    """The launches of one layer with every pointer into the layer's inputs written as
+    (input, byte offset): `signature` compares two layers, `run` launches for new inputs."""
+
+    def __init__(self, recorded: list, inputs: tuple[torch.Tensor, ...], layout: tuple
+                 ) -> None:
+        self.layout = layout
+        extents = [_extent(tensor) for tensor in inputs]
+        self.launches = []       # (runner, arguments with constants in place, slots)
+        self.keep = []           # tensors outside the inputs: alive while replayed
+        signature = []
+        for compiled, grid, args in recorded:
+            values, slots = [], []
+            for position, arg in enumerate(args):
+                if type(arg) in _PLAIN:
+                    values.append(arg)
+                    continue
+                pointer = arg.data_ptr()
+                owner = next((i for i, (first, last) in enumerate(extents)
+                              if first <= pointer < last), None)
+                if owner is None:
+                    values.append(pointer)
+                    self.keep.append(arg)
+                else:
+                    values.append(None)
+                    slots.append((position, owner, pointer - extents[owner][0]))
+            self.launches.append((compiled[grid], values, tuple(slots)))
+            signature.append((id(compiled), grid, tuple(values), tuple(slots)))
+        self.signature = tuple(signature)
+
+    def run(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        bases = [tensor.data_ptr() for tensor in inputs]
+        for runner, values, slots in self.launches:
+            args = values.copy()
+            for position, owner, offset in slots:
+                args[position] = bases[owner] + offset
+            runner(*args)
+
+
+def _layout(inputs: tuple[torch.Tensor, ...]) -> tuple:
+    return tuple((tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+                 for tensor in inputs)
+
+
+class LayerReplay:
+    """Replays one layer's launches for the other layers of a step (module docstring).
+
+    `run(step, inputs, launches)`: `launches()` makes a layer's launches, every GPU op of it
+    through `launch` (the stage functions allocate nothing: scratch lives in the step's
+    plan), reading only `inputs` (this layer's own tensors) and tensors shared by the whole
+    step. A new `step` (any object, held until the next) starts over. The first two layers
+    of a step run `launches()` and are recorded; when the second repeats the first (same
+    kernels, grids, constants and offsets into its inputs), the later layers with inputs
+    of the same shapes, strides and dtypes and the same `constants` are replayed. Anything
+    else (a launch Triton's path could not hand back, no launches at all, other layouts)
+    runs `launches()`."""
+
+    def __init__(self) -> None:
+        self._step = None
+        self._first: _Template | None = None      # the last recorded layer
+        self._verified: _Template | None = None   # one that a second layer repeated
+
+    def run(self, step: object, inputs: tuple[torch.Tensor, ...],
+            launches: Callable[[], object], constants: tuple = ()) -> None:
+        """constants: everything else `launches()` reads that may differ between layers
+        (a layer's scale, parameters): a layer replays only with the recorded ones."""
+        global _recorded
+        if step is not self._step:
+            self._step, self._first, self._verified = step, None, None
+        layout = (_layout(inputs), constants)
+        if self._verified is not None and layout == self._verified.layout and DIRECT:
+            self._verified.run(inputs)
+            return
+        if _recorded is not None or not DIRECT:   # nested, or replay off
+            launches()
+            return
+        _recorded = []
+        try:
+            launches()
+            recorded = _recorded
+        finally:
+            _recorded = None
+        if not recorded or None in recorded:
+            self._first = None
+            return
+        template = _Template(recorded, inputs, layout)
+        if (self._first is not None and layout == self._first.layout
+                and template.signature == self._first.signature):
+            self._verified = template
+        self._first = template
