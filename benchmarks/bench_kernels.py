@@ -637,10 +637,9 @@ def host_time(profile=False):
         key = torch.randn(q.shape[0], h, D, device=DEV, dtype=DT)
         slots = torch.arange(q.shape[0], device=DEV)
 
-        kv_replay, forward_replay = launch_module.LayerReplay(), launch_module.LayerReplay()
-
-        def layer(plan, step=None):
-            """One layer as the backend runs it; with a `step`, through its LayerReplays."""
+        def run_layer(replays, step, plan, q, caches, key, out):
+            """One layer as the backend runs it: the K/V store, then the forward; with a
+            `step`, through the (kv write, forward) LayerReplays."""
             def kv_write():
                 nsa_triton.write_kv(key, key, caches[0], caches[1], slots)
 
@@ -652,8 +651,13 @@ def host_time(profile=False):
                 kv_write()
                 forward()
             else:
-                kv_replay.run(step, (key, caches[0], caches[1]), kv_write)
-                forward_replay.run(step, (q, *caches, out), forward)
+                replays[0].run(step, (key, caches[0], caches[1]), kv_write)
+                replays[1].run(step, (q, *caches, out), forward)
+
+        replays = (launch_module.LayerReplay(), launch_module.LayerReplay())
+
+        def layer(plan, step=None):
+            run_layer(replays, step, plan, q, caches, key, out)
         plan = nsa_triton.make_plan(q, caches[0], caches[1], b["table"], qsl, cfg, gated,
                                     max_query_len=max(query_lens), scan_bound=2048)
         for _ in range(3):
@@ -704,26 +708,13 @@ def host_time(profile=False):
                          torch.randn_like(key)) for _ in range(4)]
         outputs = {}
         for replayed in (False, True):
-            kv_replay, forward_replay, step = (launch_module.LayerReplay(),
-                                               launch_module.LayerReplay(), object())
+            own_replays, step = (launch_module.LayerReplay(), launch_module.LayerReplay()), \
+                object()
             for i, (q_i, caches_i, key_i) in enumerate(layer_inputs):
                 caches_i = tuple(c.clone() for c in caches_i)
                 out_i = torch.full_like(out, float("nan"))
-
-                def kv_write():
-                    nsa_triton.write_kv(key_i, key_i, caches_i[0], caches_i[1], slots)
-
-                def forward():
-                    nsa_triton.compress(*caches_i, b["table"], emit_req, emit_index, cfg)
-                    nsa_triton.nsa_paged_attention(q_i, *caches_i, b["table"], qsl,
-                                                   b["seq_lens"], cfg, D ** -0.5, out_i,
-                                                   gated, plan)
-                if replayed:
-                    kv_replay.run(step, (key_i, caches_i[0], caches_i[1]), kv_write)
-                    forward_replay.run(step, (q_i, *caches_i, out_i), forward)
-                else:
-                    kv_write()
-                    forward()
+                run_layer(own_replays, step if replayed else None, plan, q_i, caches_i, key_i,
+                          out_i)
                 outputs[replayed, i] = (out_i, *caches_i)
         identical = all(torch.equal(a.nan_to_num(7.0), b_.nan_to_num(7.0))
                         for i in range(4) for a, b_ in zip(outputs[False, i], outputs[True, i]))
