@@ -150,7 +150,7 @@ def main() -> int:
             if "PIECEWISE" not in runs:
                 ok = False
                 continue
-            for mode in ("FULL_AND_PIECEWISE", "EAGER"):
+            for mode in ("FULL_AND_PIECEWISE", "EAGER", "EAGER_NO_REPLAY"):
                 if mode in runs:
                     runs[mode]["vs_piecewise"] = compare(runs["PIECEWISE"], runs[mode])
             full = runs.get("FULL_AND_PIECEWISE")
