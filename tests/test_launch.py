@@ -194,3 +194,24 @@ def test_other_constants_layout_or_step_run_the_stage_code():
     assert first[3] == layers.expected(3, n=7)[0]
     assert first[4][1][0] == layers.inputs[4][0].data_ptr()
     assert first[5] == layers.expected(5)[0] and first[6] == layers.expected(6)[0]
+
+
+def test_forget_releases_the_step_and_its_shared_tensors():
+    import weakref
+
+    class Step:
+        pass
+    replay = launch_module.LayerReplay()
+    layers = Layers(replay, count=4)
+    layers.step = Step()
+    for i in range(3):
+        layers.layer(i)
+    layers.first.log.clear()
+    layers.second.log.clear()
+    scratch, step = weakref.ref(layers.scratch), weakref.ref(layers.step)
+    layers.scratch, layers.step = torch.zeros(32), Step()      # the next step's
+    assert scratch() is not None and step() is not None        # held by the replay
+    replay.forget()
+    assert scratch() is None and step() is None
+    layers.layer(3)
+    assert layers.ran == 3                                       # recorded again

@@ -617,6 +617,8 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
             out = output[:num_tokens]
         query = query[:num_tokens]
         if md.plan is None:
+            if query.is_cuda:    # the last step's recorded layers hold its plan's scratch
+                layer_replay("forward").forget()
             # Under capture vLLM's bounds hold for every replay (scan_bound: max_model_len).
             md.plan = ops.make_plan(query, caches[0], caches[1], md.block_table,
                                     md.query_start_loc, self.config, self.gated,

@@ -154,13 +154,19 @@ class LayerReplay:
         self._first: _Template | None = None      # the last recorded layer
         self._verified: _Template | None = None   # one that a second layer repeated
 
+    def forget(self) -> None:
+        """Drop the recorded layers and the step (and the step-shared tensors they hold):
+        call before allocating the next step's scratch, so two steps' never live at once."""
+        self._step, self._first, self._verified = None, None, None
+
     def run(self, step: object, inputs: tuple[torch.Tensor, ...],
             launches: Callable[[], object], constants: tuple = ()) -> None:
         """constants: everything else `launches()` reads that may differ between layers
         (a layer's scale, parameters): a layer replays only with the recorded ones."""
         global _recorded
         if step is not self._step:
-            self._step, self._first, self._verified = step, None, None
+            self.forget()
+            self._step = step
         layout = (_layout(inputs), constants)
         if self._verified is not None and layout == self._verified.layout and DIRECT:
             self._verified.run(inputs)
