@@ -198,6 +198,16 @@ def layer_replay(site: str):
     return replay
 
 
+def launch_layer(site: str, step: object, inputs: tuple[torch.Tensor, ...], launches,
+                 constants: tuple = ()) -> None:
+    """launches(): on CUDA through the site's LayerReplay (`inputs`: the layer's own
+    tensors); elsewhere (the torch twin) as it is."""
+    if inputs[0].is_cuda:
+        layer_replay(site).run(step, inputs, launches, constants)
+    else:
+        launches()
+
+
 # ------------------------------------------------------------------ metadata
 @dataclass
 class NSAAttentionMetadata:
@@ -592,11 +602,8 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
 
         def launches():
             ops.write_kv(key, value, key_cache, value_cache, slot_mapping)
-        if key.is_cuda:
-            # Every layer of a step shares its slot mapping: the step of the replay.
-            layer_replay("kv_write").run(slot_mapping, (key, value, kv_cache), launches)
-        else:
-            launches()
+        # Every layer of a step shares its slot mapping: the step of the replay.
+        launch_layer("kv_write", slot_mapping, (key, value, kv_cache), launches)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor,
@@ -632,9 +639,6 @@ class NSAAttentionImpl(AttentionImpl[NSAAttentionMetadata]):
             ops.nsa_paged_attention(query, *caches, md.block_table, md.query_start_loc,
                                     md.seq_lens, self.config, self.scale, out, self.gated,
                                     md.plan)
-        if query.is_cuda:
-            layer_replay("forward").run(md, (query, kv_cache, out), launches,
-                                        (self.config, self.gated, self.scale))
-        else:
-            launches()
+        launch_layer("forward", md, (query, kv_cache, out), launches,
+                     (self.config, self.gated, self.scale))
         return output

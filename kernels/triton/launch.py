@@ -167,12 +167,12 @@ class LayerReplay:
         if step is not self._step:
             self.forget()
             self._step = step
-        layout = (_layout(inputs), constants)
-        if self._verified is not None and layout == self._verified.layout and DIRECT:
-            self._verified.run(inputs)
-            return
         if _recorded is not None or not DIRECT:   # nested, or replay off
             launches()
+            return
+        layout = (_layout(inputs), constants)
+        if self._verified is not None and layout == self._verified.layout:
+            self._verified.run(inputs)
             return
         _recorded = []
         try:
