@@ -12,12 +12,18 @@ class StandInCompiled(CompiledKernel):
     """What Triton's path returns: a compiled kernel launched as compiled[grid](*args)."""
 
     module = None        # nothing loaded on a device: CompiledKernel.__del__ unloads nothing
+    function = packed_metadata = None
 
     def __init__(self, log):
         self.log = log
 
     def __getitem__(self, grid):
         return lambda *args: self.log.append(("direct", grid, args))
+
+    def run(self, grid_x, grid_y, grid_z, stream, function, metadata, launch_metadata,
+            enter_hook, exit_hook, *args):
+        """The launcher a LayerReplay calls (what compiled[grid](*args) calls)."""
+        self.log.append(("replay", (grid_x, grid_y, grid_z), args))
 
 
 class StandInKernel:
@@ -156,7 +162,8 @@ def test_layers_after_the_second_replay_the_first_with_their_own_pointers():
     first, second = pointer_args(layers.first), pointer_args(layers.second)
     assert first == [layers.expected(i)[0] for i in range(6)]
     assert second == [layers.expected(i)[1] for i in range(6)]
-    # Replayed launches pass addresses, not tensors.
+    # Layers 3-6 went straight to the launcher, with addresses, not tensors.
+    assert paths(layers.first)[2:] == ["replay"] * 4
     assert all(type(arg) is int for arg in layers.first.log[-1][2][:2])
 
 
@@ -215,3 +222,13 @@ def test_forget_releases_the_step_and_its_shared_tensors():
     assert scratch() is None and step() is None
     layers.layer(3)
     assert layers.ran == 3                                       # recorded again
+
+
+def test_replay_with_launch_hooks_goes_through_the_compiled_kernel(monkeypatch):
+    monkeypatch.setattr(launch_module, "_hooked", lambda hook: True)   # a profiler's hook
+    layers = Layers(launch_module.LayerReplay(), count=4)
+    for i in range(4):
+        layers.layer(i)
+    assert layers.ran == 2
+    assert paths(layers.first) == ["triton", "direct", "direct", "direct"]
+    assert pointer_args(layers.first) == [layers.expected(i)[0] for i in range(4)]

@@ -27,6 +27,7 @@ import os
 from typing import Callable
 
 import torch
+from triton import knobs
 from triton.compiler import CompiledKernel
 
 DIRECT = os.environ.get("VLLM_NSA_DIRECT_LAUNCH", "1") != "0"
@@ -118,17 +119,37 @@ class _Template:
                 else:
                     values.append(None)
                     slots.append((position, owner, pointer - extents[owner][0]))
-            self.launches.append((compiled[grid], values, tuple(slots)))
+            runner = compiled[grid]      # also loads the kernel (compiled.function)
+            self.launches.append((runner, compiled.run, grid, compiled.function,
+                                  compiled.packed_metadata, values, tuple(slots)))
             signature.append((id(compiled), grid, tuple(values), tuple(slots)))
         self.signature = tuple(signature)
+        device = inputs[0].device
+        self.stream_device = device.index if device.type == "cuda" else None
 
     def run(self, inputs: tuple[torch.Tensor, ...]) -> None:
         bases = [tensor.data_ptr() for tensor in inputs]
-        for runner, values, slots in self.launches:
+        # What CompiledKernel[grid](*args) does, less its device, stream and metadata
+        # lookups per launch: the launcher with this layer's stream, no launch hooks.
+        hooked = _hooked(knobs.runtime.launch_enter_hook) or _hooked(
+            knobs.runtime.launch_exit_hook)
+        stream = (torch._C._cuda_getCurrentRawStream(self.stream_device)
+                  if self.stream_device is not None else 0)
+        for runner, launcher, grid, function, metadata, values, slots in self.launches:
             args = values.copy()
             for position, owner, offset in slots:
                 args[position] = bases[owner] + offset
-            runner(*args)
+            if hooked:
+                runner(*args)
+            else:
+                launcher(grid[0], grid[1], grid[2], stream, function, metadata, None, None,
+                         None, *args)
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook does anything (Triton 3.4+ always holds a HookChain, empty
+    unless a profiler added a call)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def _layout(inputs: tuple[torch.Tensor, ...]) -> tuple:
